@@ -42,7 +42,7 @@ def seed_logps(hidden, weight, labels):
     """The seed project's approach: materialize the logits, then log_softmax + gather row by row."""
     logits = hidden @ weight.t()  # (B, T, V)
     rows = []
-    for logits_row, labels_row in zip(logits, labels):
+    for logits_row, labels_row in zip(logits, labels, strict=True):
         log_probs = logits_row.log_softmax(dim=-1)  # (T, V)
         rows.append(torch.gather(log_probs, dim=1, index=labels_row.unsqueeze(1)).squeeze(1))
     return torch.stack(rows)  # (B, T)
@@ -170,8 +170,8 @@ def main() -> int:
         agreement = compare(Path(tmp))
 
     seed = results["seed"]
-    print(f"\n| variant | time (s) | time vs seed | transient memory (MB) | memory vs seed | "
-          f"max abs diff vs seed: logps / grad hidden / grad weight |")
+    print("\n| variant | time (s) | time vs seed | transient memory (MB) | memory vs seed | "
+          "max abs diff vs seed: logps / grad hidden / grad weight |")
     print("|---|---|---|---|---|---|")
     for name in VARIANTS:
         r = results[name]

@@ -25,7 +25,7 @@ from .logprobs import (
 DEFAULT_CHUNK_SIZE = 512
 
 
-def _tile_logits(hidden_tile: torch.Tensor, weight: torch.Tensor, temperature: float, out: torch.Tensor) -> torch.Tensor:
+def _tile_logits(hidden_tile: torch.Tensor, weight: torch.Tensor, temperature: float, out: torch.Tensor):
     """Write `hidden_tile @ weight.T / temperature` (n, V) into the accumulation-dtype buffer `out`."""
     if weight.dtype == out.dtype:
         torch.mm(hidden_tile, weight.t(), out=out)  # no temporary: the matmul writes the buffer
@@ -85,8 +85,9 @@ class _LinearLogps(torch.autograd.Function):
             dlogits = _tile_logits(hidden, w, temperature, scratch[: num_tokens * (v1 - v0)].view(num_tokens, v1 - v0))
             # d logp / d logits = onehot(label) - softmax, scaled by 1/temperature.
             dlogits.sub_(shift[:, None]).sub_(log_sum[:, None]).exp_().mul_(-g)  # (N, n_v)
-            in_slice = (labels >= v0) & (labels < v1)  # (N,)
-            dlogits.scatter_add_(-1, (labels - v0).clamp(0, v1 - v0 - 1)[:, None], torch.where(in_slice[:, None], g, 0.0))
+            in_slice = ((labels >= v0) & (labels < v1))[:, None]  # (N, 1)
+            slice_labels = (labels - v0).clamp(0, v1 - v0 - 1)[:, None]  # (N, 1)
+            dlogits.scatter_add_(-1, slice_labels, torch.where(in_slice, g, 0.0))
             if temperature != 1.0:
                 dlogits.div_(temperature)
             dlogits = dlogits.to(weight.dtype)

@@ -68,7 +68,7 @@ def log_softmax(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
 
 
 def check_labels(labels: torch.Tensor, batch_shape: torch.Size, vocab_size: int, name: str) -> None:
-    """Raise a ValueError naming `name` unless `labels` are integer token ids of shape `batch_shape` inside the vocabulary."""
+    """Raise a ValueError naming `name` unless `labels` are integer ids of shape `batch_shape` in the vocabulary."""
     if labels.dtype.is_floating_point or labels.dtype == torch.bool:
         raise ValueError(f"{name}: labels must be integer token ids, got dtype {labels.dtype}")
     if labels.shape != batch_shape:

@@ -130,7 +130,7 @@ def policy_loss(
     Per token: `r = exp(logps - old_logps)` and
     `loss = -min(r * A, clamp(r, 1 - eps_low, 1 + eps_high) * A) + beta * k3_kl(logps, ref_logps)`,
     then normalized by `loss_type`. Masked positions are zeroed before any arithmetic, so garbage
-    there (padding, -inf) cannot turn into NaN through `0 * inf`, in the loss or its gradient.
+    there (padding, -inf, NaN) cannot reach the loss, the metrics or the gradient.
 
     Returns `(loss, metrics)`; metrics are detached scalars, each a mean over unmasked tokens:
     `kl` (when ref_logps is given), `clip_ratio/low_mean` (ratio below 1 - eps_low with A < 0),
@@ -141,13 +141,19 @@ def policy_loss(
     _check_policy_loss_args(logps, old_logps, ref_logps, advantages, mask, beta, epsilon_low, epsilon_high,
                             loss_type, max_completion_length, importance_sampling_level)
     acc = torch.promote_types(logps.dtype, torch.float32)
-    logps = logps.to(acc)
     keep = mask.bool()  # (B, T)
     maskf = keep.to(acc)
-    old_logps = logps.detach() if old_logps is None else old_logps.to(acc)
+
+    def masked(x: torch.Tensor) -> torch.Tensor:
+        # Zero masked positions before any arithmetic: padding may hold -inf or NaN, and
+        # `0 * inf` would poison the loss, the metrics, or (through `where`) the gradient.
+        return torch.where(keep, x.to(acc), 0.0)
+
+    logps = masked(logps)
+    old_logps = logps.detach() if old_logps is None else masked(old_logps)
     advantages = advantages.to(acc)
 
-    log_ratio = torch.where(keep, logps - old_logps, 0.0)  # (B, T)
+    log_ratio = logps - old_logps  # (B, T)
     log_weights = importance_log_weights(log_ratio, maskf, importance_sampling_level)  # (B, T) or (B, 1)
     ratio = torch.exp(log_weights)
     per_token = clipped_surrogate(ratio, advantages, epsilon_low, epsilon_high)  # (B, T) or (B, 1)
@@ -155,8 +161,7 @@ def policy_loss(
 
     kl = None
     if ref_logps is not None:
-        safe_ref = torch.where(keep, ref_logps.to(acc), logps.detach())  # k3 = 0 where masked
-        kl = k3_kl(logps if beta != 0.0 else logps.detach(), safe_ref)  # (B, T)
+        kl = k3_kl(logps if beta != 0.0 else logps.detach(), masked(ref_logps))  # (B, T); 0 where masked
         if beta != 0.0:
             per_token = per_token + beta * kl
 
