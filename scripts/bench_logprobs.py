@@ -190,7 +190,9 @@ def main() -> int:
               "results": results, "max_abs_diff_vs_seed": agreement}
     print(json.dumps(report))
     if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(report, indent=2))
+        print(f"results written to {args.json}")
     return 0
 
 

