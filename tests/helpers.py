@@ -53,3 +53,104 @@ def assert_close_normwise(actual: torch.Tensor, expected: torch.Tensor, tol: flo
     err = (actual.double() - expected.double()).abs().max().item()
     scale = expected.double().abs().max().item()
     assert err <= tol * scale, f"max abs error {err:.3e} exceeds {tol:g} x max |expected| ({scale:.3e})"
+
+
+def _safetensors_bytes(tensors: dict, metadata: dict) -> bytes:
+    from safetensors.torch import save
+
+    return save({k: v.contiguous() for k, v in tensors.items()}, metadata=metadata)
+
+
+def _raw_safetensors(header: dict, data: bytes = b"") -> bytes:
+    import json
+    import struct
+
+    text = json.dumps(header).encode()
+    return struct.pack("<Q", len(text)) + text + data
+
+
+class _WritesFileWhenUnpickled:
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        from pathlib import Path
+
+        return (Path.touch, (Path(self.marker),))
+
+
+def malformed_bodies(valid: bytes, marker, vocab_size: int, seed: int = 0):
+    """Deterministic corpus of invalid batch bodies (over 300), invalid for /logps and /upload alike.
+
+    `valid` is an encoded valid rollout batch; `marker` is a path that a pickle payload would
+    create if anything unpickled it.
+    """
+    import pickle
+    import random
+    import struct
+
+    rng = random.Random(seed)
+    for length in list(range(0, 40)) + [rng.randrange(40, 5000) for _ in range(40)]:
+        yield bytes(rng.randrange(256) for _ in range(length))
+    for cut in range(0, len(valid) - 1, max(1, len(valid) // 80)):
+        yield valid[:cut]
+    header_len = struct.unpack("<Q", valid[:8])[0]
+    for declared in (2**63, 2**40, 10**9, header_len + 1, len(valid), 1, 0):
+        yield struct.pack("<Q", declared) + valid[8:]
+    for junk in (b"{not json", b"[1, 2, 3]", b'"a string"', b"\xff\xfe\xfd\xfc", b"null", b"{}"):
+        yield struct.pack("<Q", len(junk)) + junk
+    payload = _WritesFileWhenUnpickled(marker)
+    for protocol in range(pickle.HIGHEST_PROTOCOL + 1):
+        yield pickle.dumps(payload, protocol=protocol)
+        yield pickle.dumps({"input_ids": payload}, protocol=protocol)
+    # Syntactically valid safetensors whose declared sizes lie.
+    yield _raw_safetensors({"input_ids": {"dtype": "I64", "shape": [10**12, 10**12], "data_offsets": [0, 16]}},
+                           b"\0" * 16)
+    yield _raw_safetensors({"input_ids": {"dtype": "I64", "shape": [2, 4], "data_offsets": [0, 10**12]}}, b"\0" * 64)
+    yield _raw_safetensors({"input_ids": {"dtype": "I64", "shape": [2, 4], "data_offsets": [8, 4]}}, b"\0" * 64)
+    yield _raw_safetensors({"input_ids": {"dtype": "X99", "shape": [2, 4], "data_offsets": [0, 64]}}, b"\0" * 64)
+    yield _raw_safetensors({"__metadata__": {"format": 1}, "input_ids": {"dtype": "I64", "shape": [1, 2],
+                                                                             "data_offsets": [0, 16]}}, b"\0" * 16)
+
+    # Well-formed files with wrong fields, in several sizes each.
+    for variant in range(9):
+        g = torch.Generator().manual_seed(seed * 100 + variant)
+        batch, prompt, completion = 2 + variant % 3, 2 + variant % 4, 3 + variant % 5
+        length = prompt + completion
+        ids = torch.randint(0, vocab_size, (batch, length), generator=g)
+        rewards = torch.rand(batch, generator=g)
+        meta = {"format": "grpo-batch/1", "prompt_length": str(prompt), "policy_version": "0",
+                "num_generations": "1"}
+        base = {"input_ids": ids, "rewards": rewards}
+        cases = [
+            (base, {**meta, "format": "grpo-batch/999"}),
+            (base, {k: v for k, v in meta.items() if k != "format"}),
+            (base, {k: v for k, v in meta.items() if k != "prompt_length"}),
+            (base, {**meta, "prompt_length": "0"}),
+            (base, {**meta, "prompt_length": str(length)}),
+            (base, {**meta, "prompt_length": "-1"}),
+            (base, {**meta, "prompt_length": "abc"}),
+            (base, {**meta, "prompt_length": "2.5"}),
+            (base, {**meta, "policy_version": "-3"}),
+            (base, {**meta, "num_generations": str(batch + 1)}),
+            (base, {**meta, "temperature": "0"}),
+            (base, {**meta, "surprise": "1"}),
+            ({**base, "input_ids": ids.float()}, meta),
+            ({**base, "input_ids": ids[0]}, meta),
+            ({**base, "input_ids": ids[None]}, meta),
+            ({**base, "input_ids": ids + vocab_size}, meta),
+            ({**base, "input_ids": ids - vocab_size - 1}, meta),
+            ({**base, "attention_mask": torch.ones(batch, length + 1, dtype=torch.int64)}, meta),
+            ({**base, "attention_mask": torch.full((batch, length), 2, dtype=torch.int64)}, meta),
+            ({**base, "rewards": torch.full((batch,), float("nan"))}, meta),
+            ({**base, "rewards": torch.rand(batch + 1, generator=g)}, meta),
+            ({**base, "rewards": rewards.double()}, meta),
+            ({**base, "rewards": rewards[:, None]}, meta),
+            ({**base, "old_logps": -torch.rand(batch, completion + 1, generator=g)}, meta),
+            ({**base, "old_logps": torch.full((batch, completion), float("inf"))}, meta),
+            ({**base, "completion_mask": torch.ones(batch + 1, completion, dtype=torch.int64)}, meta),
+            ({**base, "ref_logps": -torch.rand(batch - 1, completion, generator=g)}, meta),
+            ({**base, "mystery": torch.zeros(2)}, meta),
+        ]
+        for tensors, metadata in cases:
+            yield _safetensors_bytes(tensors, metadata)

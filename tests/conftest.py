@@ -1,0 +1,102 @@
+"""Shared fixtures: a tiny random Qwen2 model saved in Hugging Face format, and a real
+reference-server process on a free loopback port."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+TINY_VOCAB = 96
+
+
+def build_tiny_qwen2(out_dir: Path, seed: int = 0) -> Path:
+    """A 2-layer Qwen2 causal LM with random weights (about 60k parameters), saved with save_pretrained."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    config = Qwen2Config(
+        vocab_size=TINY_VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=False,
+        initializer_range=0.2,  # peaked enough that log-probs differ clearly between tokens and positions
+    )
+    torch.manual_seed(seed)
+    Qwen2ForCausalLM(config).save_pretrained(out_dir)
+    return out_dir
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    return build_tiny_qwen2(tmp_path_factory.mktemp("tiny_qwen2"))
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_model_dir):
+    from grpo_common.modeling import load_frozen_model
+
+    return load_frozen_model(str(tiny_model_dir), torch.device("cpu"), torch.float32)
+
+
+class ServerProcess:
+    """`python ref_server.py ...` on port 0; the URL is read from its ready line."""
+
+    def __init__(self, model_dir: Path, *extra: str, env: dict | None = None, ready_timeout: float = 120.0):
+        cmd = [sys.executable, str(REPO / "ref_server.py"), "--model_name_or_path", str(model_dir), "--port", "0",
+               "--device", "cpu", "--dtype", "float32", *extra]
+        self.proc = subprocess.Popen(
+            cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            env={**os.environ, **(env or {})},
+        )
+        self.stderr_lines: list[str] = []
+        threading.Thread(target=self._drain_stderr, daemon=True).start()
+        self.url = self._wait_ready(ready_timeout)
+
+    def _drain_stderr(self):
+        for line in self.proc.stderr:
+            self.stderr_lines.append(line)
+
+    def _wait_ready(self, timeout: float) -> str:
+        found: list[str] = []
+
+        def read():
+            for line in self.proc.stdout:
+                match = re.search(r"ready at (http://\S+)", line)
+                if match:
+                    found.append(match.group(1))
+                    return
+
+        reader = threading.Thread(target=read, daemon=True)
+        reader.start()
+        reader.join(timeout)
+        if not found:
+            self.proc.kill()
+            self.proc.wait()
+            raise RuntimeError("ref_server did not become ready:\n" + "".join(self.stderr_lines[-40:]))
+        return found[0]
+
+    def stop(self) -> int:
+        """SIGTERM, as an operator would; returns the exit code."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode
+
+
+@pytest.fixture(scope="module")
+def ref_server(tiny_model_dir) -> Iterator[ServerProcess]:
+    server = ServerProcess(tiny_model_dir, "--max_queue", "16", "--max_batch_tokens", "2048",
+                           "--retry_after_seconds", "1")
+    yield server
+    assert server.stop() == 0, "".join(server.stderr_lines[-40:])
