@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import threading
+
 import torch
+import waitress
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
@@ -154,3 +157,22 @@ def malformed_bodies(valid: bytes, marker, vocab_size: int, seed: int = 0):
         ]
         for tensors, metadata in cases:
             yield _safetensors_bytes(tensors, metadata)
+
+
+class LoopbackServer:
+    """A WSGI app served by waitress on 127.0.0.1 (port 0: a free one) in a daemon thread."""
+
+    def __init__(self, app, port: int = 0):
+        self._server = waitress.create_server(app, host="127.0.0.1", port=port, threads=4)
+        self.url = f"http://127.0.0.1:{self._server.effective_port}"
+        self._thread = threading.Thread(target=self._server.run, daemon=True)
+        self._thread.start()
+
+    def close(self) -> bool:
+        """Stop listening; True once the serving thread ended (it ends only when no client holds a connection)."""
+        # Closed from inside the serving thread (a trigger thunk): closing its sockets from here
+        # races the select() it is blocked in, which then fails with EBADF.
+        self._server.trigger.pull_trigger(self._server.close)
+        self._server.task_dispatcher.shutdown(timeout=2)
+        self._thread.join(timeout=2)
+        return not self._thread.is_alive()

@@ -18,7 +18,7 @@ import bottle
 import pytest
 import requests
 import torch
-import waitress
+from helpers import LoopbackServer
 
 from grpo_common.client import RefServerClient, RefServerError
 from grpo_common.wire import Batch, decode_batch, encode_batch
@@ -149,25 +149,6 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
-
-
-class LoopbackServer:
-    """A WSGI app served by waitress on 127.0.0.1 (port 0: a free one) in a daemon thread."""
-
-    def __init__(self, app, port: int = 0):
-        self._server = waitress.create_server(app, host="127.0.0.1", port=port, threads=4)
-        self.url = f"http://127.0.0.1:{self._server.effective_port}"
-        self._thread = threading.Thread(target=self._server.run, daemon=True)
-        self._thread.start()
-
-    def close(self) -> bool:
-        """Stop listening; True once the serving thread ended (it ends only when no client holds a connection)."""
-        # Closed from inside the serving thread (a trigger thunk): closing its sockets from here
-        # races the select() it is blocked in, which then fails with EBADF.
-        self._server.trigger.pull_trigger(self._server.close)
-        self._server.task_dispatcher.shutdown(timeout=2)
-        self._thread.join(timeout=2)
-        return not self._thread.is_alive()
 
 
 @pytest.fixture

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 
 import pytest
 import torch
@@ -113,3 +114,52 @@ def test_a_model_failure_reaches_its_caller_and_the_worker_survives(tiny_model):
         scorer.score(make(2, 3, 3, 0))
     assert scorer.score(make(1, 3, 3, 0)).shape == (1, 3)
     scorer.stop()
+
+
+def test_http_500_on_model_failure_and_the_server_keeps_serving(tiny_model):
+    """create_app in-process on waitress: a failing forward is a JSON 500, the next request is served."""
+    import requests
+    from helpers import LoopbackServer
+
+    from grpo_common.wire import decode_batch, encode_batch
+    from ref_server import ServerConfig, create_app, start_upload_worker
+
+    def compute(ids, mask, prompt_length, temperature):
+        if ids.shape[0] == 2:
+            raise RuntimeError("CUDA out of memory (simulated)")
+        return reference_logps(tiny_model, ids, mask, prompt_length, temperature)
+
+    scorer = ReferenceScorer(tiny_model, max_batch_tokens=1000, compute=compute)
+    config = ServerConfig(model_name_or_path="tiny", auth_token="t")
+    app, state = create_app(scorer, config, model_info={"model": "tiny", "vocab_size": TINY_VOCAB,
+                                                         "device": "cpu", "dtype": "float32"})
+    stop = threading.Event()
+    start_upload_worker(state, stop)
+    server = LoopbackServer(app)
+    url = server.url
+    auth = {"Authorization": "Bearer t"}
+    try:
+        failing = requests.post(url + "/logps", data=encode_batch(make(2, 3, 3, 0)), headers=auth, timeout=30)
+        assert failing.status_code == 500 and "out of memory" in failing.json()["error"]
+        ok = requests.post(url + "/logps", data=encode_batch(make(1, 3, 3, 0)), headers=auth, timeout=30)
+        assert ok.status_code == 200 and decode_batch(ok.content).ref_logps.shape == (1, 3)
+        # An uploaded batch the model cannot score is dropped and counted; the worker goes on.
+        bad = make(2, 3, 3, 1)
+        bad.rewards, bad.policy_version, bad.num_generations = torch.zeros(2), 0, 2
+        assert requests.post(url + "/upload", data=encode_batch(bad), headers=auth, timeout=30).status_code == 202
+        good = make(1, 3, 3, 2)
+        good.rewards, good.policy_version, good.num_generations = torch.zeros(1), 0, 1
+        assert requests.post(url + "/upload", data=encode_batch(good), headers=auth, timeout=30).status_code == 202
+        deadline = time.time() + 30
+        while time.time() < deadline:
+            got = requests.get(url + "/get", headers=auth, timeout=30)
+            if got.status_code == 200:
+                break
+            time.sleep(0.05)
+        assert got.status_code == 200 and decode_batch(got.content).batch_size == 1
+        stats = requests.get(url + "/stats", headers=auth, timeout=30).json()
+        assert stats["upload_failures"] == 1 and stats["errors"]["model_error"] == 1
+    finally:
+        stop.set()
+        server.close()
+        scorer.stop()
