@@ -439,7 +439,7 @@ def main(argv: list[str] | None = None) -> int:
     scorer = ReferenceScorer(model, config.max_batch_tokens)
     app, state = create_app(scorer, config, model_info=model_info)
     stop = threading.Event()
-    start_upload_worker(state, stop)
+    upload_worker = start_upload_worker(state, stop)
 
     server = create_server(
         app, host=config.host, port=config.port, threads=config.threads,
@@ -459,9 +459,15 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit:
         log.info("shutting down")
     finally:
-        stop.set()
+        # In order: no new connections, let requests in flight finish, let the upload worker finish
+        # its batch, then stop the model thread. Exiting with those threads still running would
+        # let them write to stderr during interpreter shutdown, which aborts the process.
         server.close()
+        server.task_dispatcher.shutdown(timeout=10)
+        stop.set()
+        upload_worker.join(timeout=60)
         scorer.stop()
+        log.info("stopped")
     return 0
 
 
