@@ -1,4 +1,4 @@
-"""RolloutQueue in-process with a fake clock, and the server's request coalescing."""
+"""The server's parts in-process: RolloutQueue with a fake clock, request coalescing, and model failures."""
 
 from __future__ import annotations
 
@@ -6,13 +6,15 @@ import threading
 import time
 
 import pytest
+import requests
 import torch
 from conftest import TINY_VOCAB
+from helpers import LoopbackServer
 
 from grpo_common.modeling import reference_logps
 from grpo_common.rollout_queue import QueueFull, RolloutQueue
-from grpo_common.wire import Batch
-from ref_server import ReferenceScorer
+from grpo_common.wire import Batch, decode_batch, encode_batch
+from ref_server import ReferenceScorer, ServerConfig, create_app, start_upload_worker
 
 
 class FakeClock:
@@ -103,13 +105,19 @@ def test_waiting_requests_are_coalesced_into_one_padded_forward(tiny_model):
         torch.testing.assert_close(results[i], alone, atol=1e-5, rtol=0)
 
 
-def test_a_model_failure_reaches_its_caller_and_the_worker_survives(tiny_model):
+def scorer_failing_on_two_rows(model) -> ReferenceScorer:
+    """A scorer whose forward fails, as an out-of-memory would, for any micro-batch of two rows."""
+
     def compute(ids, mask, prompt_length, temperature):
         if ids.shape[0] == 2:
             raise RuntimeError("CUDA out of memory (simulated)")
-        return reference_logps(tiny_model, ids, mask, prompt_length, temperature)
+        return reference_logps(model, ids, mask, prompt_length, temperature)
 
-    scorer = ReferenceScorer(tiny_model, max_batch_tokens=1000, compute=compute)
+    return ReferenceScorer(model, max_batch_tokens=1000, compute=compute)
+
+
+def test_a_model_failure_reaches_its_caller_and_the_worker_survives(tiny_model):
+    scorer = scorer_failing_on_two_rows(tiny_model)
     with pytest.raises(RuntimeError, match="out of memory"):
         scorer.score(make(2, 3, 3, 0))
     assert scorer.score(make(1, 3, 3, 0)).shape == (1, 3)
@@ -118,18 +126,7 @@ def test_a_model_failure_reaches_its_caller_and_the_worker_survives(tiny_model):
 
 def test_http_500_on_model_failure_and_the_server_keeps_serving(tiny_model):
     """create_app in-process on waitress: a failing forward is a JSON 500, the next request is served."""
-    import requests
-    from helpers import LoopbackServer
-
-    from grpo_common.wire import decode_batch, encode_batch
-    from ref_server import ServerConfig, create_app, start_upload_worker
-
-    def compute(ids, mask, prompt_length, temperature):
-        if ids.shape[0] == 2:
-            raise RuntimeError("CUDA out of memory (simulated)")
-        return reference_logps(tiny_model, ids, mask, prompt_length, temperature)
-
-    scorer = ReferenceScorer(tiny_model, max_batch_tokens=1000, compute=compute)
+    scorer = scorer_failing_on_two_rows(tiny_model)
     config = ServerConfig(model_name_or_path="tiny", auth_token="t")
     app, state = create_app(scorer, config, model_info={"model": "tiny", "vocab_size": TINY_VOCAB,
                                                          "device": "cpu", "dtype": "float32"})
