@@ -94,12 +94,33 @@ def completion_logps(
         ).last_hidden_state  # (B, T, H)
         # The state at position t predicts token t + 1: completion tokens P..T-1 come from P-1..T-2.
         hidden = hidden[:, prompt_length - 1 : -1]  # (B, C, H)
-        weight = model.get_output_embeddings().weight  # (V, H)
-        return linear_logps(hidden.to(weight.dtype), weight, labels, temperature)
+        return _head_logps(model.get_output_embeddings(), hidden, labels, temperature)
     logits = model(
         input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
     ).logits  # (B, T, V)
     return per_token_logps(logits[:, prompt_length - 1 : -1], labels, temperature)
+
+
+def _head_logps(head: torch.nn.Linear, hidden: torch.Tensor, labels: torch.Tensor, temperature: float):
+    """`linear_logps` with the head's weight; (B, C, H) -> (B, C).
+
+    Under DeepSpeed ZeRO-3 the weight is a partitioned placeholder except while its own module runs
+    (ZeRO-3 gathers a module's parameters in its forward hooks and again before its backward), so the
+    fused computation is run *as* the head's forward: the hooks gather the full weight for it and for
+    its backward, exactly as they would for the plain Linear, and the logits are still never built.
+    Tied embeddings need nothing special: the head's weight is the embedding's parameter.
+    """
+
+    def fused_forward(states: torch.Tensor) -> torch.Tensor:
+        return linear_logps(states.to(head.weight.dtype), head.weight, labels, temperature)
+
+    if not hasattr(head.weight, "ds_id"):  # not partitioned: call directly, no hook machinery
+        return fused_forward(hidden)
+    head.forward = fused_forward
+    try:
+        return head(hidden)
+    finally:
+        del head.forward  # back to the class's Linear.forward
 
 
 def row_chunks(num_rows: int, row_length: int, max_tokens: int) -> list[slice]:

@@ -1,0 +1,199 @@
+"""Rollouts: chat-formatted prompts -> sampled completions -> rewards -> group advantages -> a wire `Batch`.
+
+Shared by the trainer (`rollout_source: local`) and generation workers (`--mode generate`), so
+a batch a worker uploads is built exactly like one the trainer makes for itself.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from stable_ops import completion_mask, group_advantages
+
+from .modeling import position_ids_from_mask, row_chunks
+from .rewards import score_completions
+from .wire import Batch
+
+
+def format_prompt(tokenizer, prompt: str, system_prompt: str | None) -> str:
+    """The prompt as the model sees it: the tokenizer's chat template with the assistant turn opened."""
+    messages = [{"role": "system", "content": system_prompt}] if system_prompt else []
+    messages.append({"role": "user", "content": prompt})
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+def encode_prompts(tokenizer, prompts: Sequence[str], system_prompt: str | None) -> list[list[int]]:
+    """Token ids of each chat-formatted prompt (the template already holds any special tokens)."""
+    texts = [format_prompt(tokenizer, prompt, system_prompt) for prompt in prompts]
+    return tokenizer(texts, add_special_tokens=False)["input_ids"]
+
+
+def eos_token_ids(tokenizer, model) -> list[int]:
+    """Every id that ends a completion: the generation config's EOS ids (chat models often have
+    several, e.g. Qwen2.5's <|im_end|> and <|endoftext|>) plus the tokenizer's EOS."""
+    ids: list[int] = []
+    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    for value in ([configured] if isinstance(configured, int) else list(configured or [])):
+        ids.append(int(value))
+    if tokenizer.eos_token_id is not None:
+        ids.append(int(tokenizer.eos_token_id))
+    if not ids:
+        raise ValueError("the model has no EOS token (generation_config.eos_token_id and tokenizer.eos_token are "
+                         "both unset): completions could never end; set eos_token in the tokenizer config")
+    return sorted(set(ids))
+
+
+def left_pad(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token id lists -> (B, P) ids left-padded to the longest, and the (B, P) 0/1 attention mask."""
+    width = max(len(row) for row in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        if row:
+            ids[i, width - len(row) :] = torch.tensor(row, dtype=torch.long)
+            mask[i, width - len(row) :] = 1
+    return ids, mask
+
+
+@dataclass
+class SamplingSettings:
+    num_generations: int
+    max_completion_length: int
+    temperature: float
+    top_p: float
+
+
+@torch.no_grad()
+def sample_completions(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, settings: SamplingSettings,
+                       eos_ids: list[int], pad_id: int) -> torch.Tensor:
+    """(B, P) left-padded prompts -> (B * G, C) completion ids, G consecutive rows per prompt.
+
+    Sampling is pure temperature / top-p: top-k and any penalties from the model's own generation
+    config are switched off, because the loss assumes completions were drawn from softmax(logits / T),
+    the distribution whose log-probs it computes.
+    """
+    from transformers import GenerationConfig
+
+    config = GenerationConfig(
+        do_sample=True, temperature=settings.temperature, top_p=settings.top_p, top_k=0,
+        max_new_tokens=settings.max_completion_length, num_return_sequences=settings.num_generations,
+        eos_token_id=eos_ids, pad_token_id=pad_id,
+    )
+    device = next(model.parameters()).device
+    output = model.generate(input_ids=prompt_ids.to(device), attention_mask=prompt_mask.to(device),
+                            generation_config=config)  # (B * G, P + C)
+    return output[:, prompt_ids.shape[1] :].cpu()  # (B * G, C)
+
+
+def policy_logps(model, batch: Batch, micro_rows: int | None = None, grad: bool = False) -> torch.Tensor:
+    """Completion log-probs of `batch` under `model`, (B, C) float32, in row chunks of `micro_rows`."""
+    from .modeling import completion_logps
+
+    device = next(model.parameters()).device
+    rows = batch.batch_size if micro_rows is None else micro_rows
+    outputs = []
+    with torch.set_grad_enabled(grad):
+        for chunk in row_chunks(batch.batch_size, 1, rows):
+            out = completion_logps(model, batch.input_ids[chunk].to(device), batch.attention_mask[chunk].to(device),
+                                   batch.prompt_length, batch.temperature)
+            outputs.append(out.float())
+    return torch.cat(outputs)
+
+
+@dataclass
+class Rollouts:
+    """One rank's rollouts: the wire batch plus what the metrics need."""
+
+    batch: Batch  # rewards (NaN -> 0), advantages, completion_mask, attention_mask, policy_version
+    rewards: torch.Tensor  # (N,) float32 with NaN where no reward function could score
+    per_func: torch.Tensor  # (N, F) float32, NaN where a function returned None
+    lengths: torch.Tensor  # (N,) completion tokens up to and including EOS
+    truncated: torch.Tensor  # (N,) bool: hit max_completion_length without EOS
+    completions: list[str]
+
+
+def make_rollouts(
+    model,
+    tokenizer,
+    rows: list[dict],
+    *,
+    prompt_column: str,
+    system_prompt: str | None,
+    settings: SamplingSettings,
+    reward_funcs: list[tuple[str, Callable]],
+    reward_weights: list[float] | None,
+    scale_rewards: str,
+    mask_truncated: bool,
+    policy_version: int,
+    eos_ids: list[int],
+    pad_id: int,
+) -> Rollouts:
+    """Generate G completions for each dataset row, score them, and build the wire batch."""
+    prompts = [row[prompt_column] for row in rows]
+    prompt_ids, prompt_mask = left_pad(encode_prompts(tokenizer, prompts, system_prompt), pad_id)  # (B, P)
+    completion_ids = sample_completions(model, prompt_ids, prompt_mask, settings, eos_ids, pad_id)  # (N, C)
+    G = settings.num_generations
+    attend = completion_mask(completion_ids, eos_ids)  # (N, C): up to and including the first EOS
+    has_eos = torch.isin(completion_ids, torch.tensor(eos_ids)).any(dim=1)  # (N,)
+    truncated = ~has_eos
+    loss_mask = attend * (~truncated).to(attend.dtype).unsqueeze(1) if mask_truncated else attend
+
+    texts = tokenizer.batch_decode(
+        [ids[: int(n)] for ids, n in zip(completion_ids, attend.sum(1), strict=True)], skip_special_tokens=True
+    )
+    repeated = [prompt for prompt in prompts for _ in range(G)]
+    columns = {key: [row[key] for row in rows for _ in range(G)] for key in rows[0] if key != prompt_column}
+    rewards, per_func = score_completions(reward_funcs, reward_weights, repeated, texts, columns)  # (N,), (N, F)
+    advantages = group_advantages(rewards, G, scale=scale_rewards)  # (N,); 0 where a reward is NaN
+
+    batch = Batch(
+        input_ids=torch.cat([prompt_ids.repeat_interleave(G, dim=0), completion_ids], dim=1),  # (N, P + C)
+        prompt_length=prompt_ids.shape[1],
+        attention_mask=torch.cat([prompt_mask.repeat_interleave(G, dim=0), attend.long()], dim=1),
+        # The wire carries finite rewards only; an unscored completion travels as 0 with advantage 0.
+        rewards=torch.nan_to_num(rewards, nan=0.0).float(),
+        advantages=advantages.float(),
+        completion_mask=loss_mask.long(),
+        policy_version=policy_version,
+        num_generations=G,
+        temperature=settings.temperature,
+    )
+    return Rollouts(batch=batch, rewards=rewards.float(), per_func=per_func, lengths=attend.sum(1),
+                    truncated=truncated, completions=texts)
+
+
+def nan_stats(values: torch.Tensor) -> tuple[float, float]:
+    """Mean and sample std over the non-NaN entries; NaN when there are none (std: fewer than two)."""
+    kept = values[~torch.isnan(values)].double()
+    if kept.numel() == 0:
+        return math.nan, math.nan
+    std = kept.std().item() if kept.numel() > 1 else math.nan
+    return kept.mean().item(), std
+
+
+def rollout_metrics(rewards: torch.Tensor, per_func: torch.Tensor, func_names: list[str], lengths: torch.Tensor,
+                    truncated: torch.Tensor, num_generations: int) -> dict[str, float]:
+    """TRL-named rollout metrics of the whole step's rollouts (gathered from every rank)."""
+    metrics: dict[str, float] = {}
+    metrics["reward"], metrics["reward_std"] = nan_stats(rewards)
+    for j, name in enumerate(func_names):
+        metrics[f"rewards/{name}/mean"], metrics[f"rewards/{name}/std"] = nan_stats(per_func[:, j])
+    grouped = rewards.view(-1, num_generations)  # (N/G, G)
+    spread = torch.nan_to_num(grouped.amax(1) - grouped.amin(1), nan=0.0)
+    metrics["frac_reward_zero_std"] = (spread == 0).float().mean().item()
+    lengths = lengths.float()
+    metrics["completions/mean_length"] = lengths.mean().item()
+    metrics["completions/min_length"] = lengths.min().item()
+    metrics["completions/max_length"] = lengths.max().item()
+    metrics["completions/clipped_ratio"] = truncated.float().mean().item()
+    return metrics
+
+
+__all__ = [
+    "Rollouts", "SamplingSettings", "encode_prompts", "eos_token_ids", "format_prompt", "left_pad", "make_rollouts",
+    "nan_stats", "policy_logps", "position_ids_from_mask", "rollout_metrics", "sample_completions",
+]

@@ -1,0 +1,648 @@
+"""GRPO training with the reference model split out into an HTTP server (`ref_server.py`).
+
+Launch (the reference server first, on its own GPU or machine, when beta > 0):
+
+    python ref_server.py --model_name_or_path Qwen/Qwen2.5-7B-Instruct --device cuda:0
+    CUDA_VISIBLE_DEVICES=1,2,3 deepspeed grpo_ref_split.py --config configs/gsm8k_qwen2.5.yaml
+    deepspeed --hostfile hosts grpo_ref_split.py --config ...             # several nodes
+    python grpo_ref_split.py --config configs/toy_cpu.yaml --max_steps 2  # one process, for debugging
+    python grpo_ref_split.py --config ... --mode generate                 # a generation worker
+
+One training step, as `train()` below reads:
+  1. take `prompts_per_step` prompts (each rank an equal share), apply the chat template;
+  2. sample `num_generations` completions per prompt with the policy;
+  3. score them with the reward functions; group-relative advantages;
+  4. reference log-probs from the server (`POST /logps`) when beta > 0; old log-probs when
+     `num_iterations` > 1;
+  5. `num_iterations` optimizer passes of the clipped GRPO loss with the k3 KL term, per-token
+     log-probs from the fused LM head on the final hidden states (no (B, T, V) logits).
+With `rollout_source: server`, steps 1-4 come from generation workers through the server's queue.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import signal
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from grpo_common import checkpoint as ckpt
+from grpo_common import distributed as dist_utils
+from grpo_common.client import RefServerClient
+from grpo_common.config import ConfigError, config_to_yaml, parse_config
+from grpo_common.data import PromptOrder, load_prompt_dataset
+from grpo_common.metrics import MetricsLogger
+from grpo_common.modeling import DTYPES
+from grpo_common.rewards import load_reward_funcs
+from grpo_common.rollout import (
+    Rollouts,
+    SamplingSettings,
+    encode_prompts,
+    eos_token_ids,
+    make_rollouts,
+    policy_logps,
+    rollout_metrics,
+)
+from grpo_common.train_config import CONFIG_TYPES, RunConfig, check_run_layout
+from grpo_common.wire import Batch
+from stable_ops import policy_loss
+
+# ----------------------------------------------------------------------------------- configuration
+
+
+def parse_run_config(argv: list[str] | None = None) -> RunConfig:
+    """`--config FILE.yaml` plus command-line overrides -> RunConfig (ConfigError names a bad field)."""
+    try:
+        sections = parse_config(CONFIG_TYPES, argv)
+    except ValueError as exc:  # a __post_init__ check; ConfigError is a ValueError too
+        raise ConfigError(str(exc)) from exc
+    return RunConfig(*sections)
+
+
+def resolve_train_dtype(name: str) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float32
+    return DTYPES[name]
+
+
+def deepspeed_config(config: RunConfig, world_size: int, rows_per_rank: int, dtype: torch.dtype) -> dict:
+    """The DeepSpeed JSON (or ZeRO-2 when none is given) with batch sizes, clipping and precision from
+    our config: those must agree with how the trainer splits its batches, so ours win over the file."""
+    training = config.training
+    if training.deepspeed is None:
+        ds = {"zero_optimization": {"stage": 2}}
+    else:
+        try:
+            ds = json.loads(Path(training.deepspeed).read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise ConfigError(f"deepspeed={training.deepspeed!r} is not a readable DeepSpeed JSON file: {exc}") from exc
+    micro = rows_per_rank // training.gradient_accumulation_steps
+    ds["train_micro_batch_size_per_gpu"] = micro
+    ds["gradient_accumulation_steps"] = training.gradient_accumulation_steps
+    ds["train_batch_size"] = micro * training.gradient_accumulation_steps * world_size
+    ds["gradient_clipping"] = training.max_grad_norm
+    ds["bf16"] = {**ds.get("bf16", {}), "enabled": dtype == torch.bfloat16}
+    ds["fp16"] = {**ds.get("fp16", {}), "enabled": dtype == torch.float16}
+    ds.setdefault("steps_per_print", 10**9)  # our own progress bar and metrics replace DeepSpeed's prints
+    zero = ds.setdefault("zero_optimization", {})
+    if zero.get("stage") == 3:
+        # save_pretrained needs the full weights on rank 0 (consolidated from the partitions).
+        zero["stage3_gather_16bit_weights_on_model_save"] = True
+    if "optimizer" in ds:  # e.g. DeepSpeedCPUAdam for optimizer offload; fill in our values for "auto"
+        params = ds["optimizer"].setdefault("params", {})
+        for key, value in (("lr", training.learning_rate), ("weight_decay", training.weight_decay)):
+            if params.get(key, "auto") == "auto":
+                params[key] = value
+    return ds
+
+
+def lr_lambda(scheduler_type: str, warmup_steps: int, total_updates: int):
+    """Multiplier of the base learning rate after `n` optimizer updates: linear warmup, then the schedule."""
+
+    def factor(n: int) -> float:
+        if n < warmup_steps:
+            return (n + 1) / (warmup_steps + 1)
+        if scheduler_type == "constant":
+            return 1.0
+        progress = min(1.0, (n - warmup_steps) / max(1, total_updates - warmup_steps))
+        if scheduler_type == "linear":
+            return 1.0 - progress
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return factor
+
+
+# ----------------------------------------------------------------------------------- models
+
+
+def load_tokenizer(path: str):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if tokenizer.chat_template is None:
+        raise ConfigError(f"model_name_or_path={path!r}: the tokenizer has no chat_template; GRPO prompts are "
+                          "chat-formatted, so use an instruct/chat model or add a template to tokenizer_config.json")
+    if tokenizer.pad_token_id is None:
+        # Padding positions are always masked out, so any id works; EOS is what most chat models use.
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"
+    return tokenizer
+
+
+def load_policy(path: str, dtype: torch.dtype, gradient_checkpointing: bool = False):
+    from transformers import AutoModelForCausalLM
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    except OSError as exc:
+        raise ConfigError(f"model_name_or_path={path!r} could not be loaded: {exc}") from exc
+    if gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+        model.config.use_cache = False
+    return model
+
+
+# ----------------------------------------------------------------------------------- one step
+
+
+class StopRequested:
+    """Ctrl-C or SIGTERM sets a flag; the loop finishes its step, saves, and exits (ranks agree first)."""
+
+    def __init__(self):
+        self.requested = False
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        if self.requested:  # a second Ctrl-C: the user means it
+            raise KeyboardInterrupt
+        self.requested = True
+        print(f"\n{signal.Signals(signum).name} received: finishing this step, saving a checkpoint, then exiting "
+              "(send it again to stop at once)", file=sys.stderr, flush=True)
+
+
+def zero_loss(module, batch: Batch) -> torch.Tensor:
+    """A loss of exactly 0 whose backward visits every parameter (2 tokens through the model).
+
+    Stands in for a micro-batch whose loss was not finite: DeepSpeed's gradient-accumulation
+    bookkeeping needs a backward and a step per micro-batch on every rank, and this one adds a zero
+    gradient instead of NaN.
+    """
+    device = next(module.parameters()).device
+    ids = batch.input_ids[:1, :2].to(device)
+    return module(input_ids=ids, use_cache=False).logits.float().sum() * 0.0
+
+
+def train_on_batch(engine, batch: Batch, config: RunConfig, world_size: int) -> dict[str, float]:
+    """`num_iterations` optimizer updates on one batch; returns this rank's loss metrics (means).
+
+    The batch is split into `gradient_accumulation_steps` micro-batches; DeepSpeed divides each
+    micro-batch loss by that number and steps the optimizer at the last one.
+    """
+    loss_cfg, training = config.loss, config.training
+    module = engine.module
+    GA = training.gradient_accumulation_steps
+    rows = batch.batch_size // GA
+    mask = batch.completion_mask
+    old_logps = batch.old_logps
+    if old_logps is None and loss_cfg.num_iterations > 1:
+        # The sampling policy's log-probs, frozen for all passes (TRL's mu > 1): one forward, no graph.
+        module.eval()
+        old_logps = policy_logps(module, batch, micro_rows=rows).cpu()
+        module.train()
+    # DAPO normalizes by the tokens of the whole step on all ranks; DeepSpeed averages ranks and
+    # micro-batches, so each micro-batch divides by (global tokens / (ranks x GA)).
+    global_tokens = dist_utils.all_reduce_sum([float(mask.sum())])[0]
+    num_items = max(global_tokens, 1.0) / (world_size * GA)
+
+    sums: dict[str, float] = {}
+    count = 0
+    nonfinite = 0
+    grad_norms = []
+    for _ in range(loss_cfg.num_iterations):
+        poisoned = False
+        for m in range(GA):
+            part = slice(m * rows, (m + 1) * rows)
+            loss = None
+            if not poisoned:
+                micro = dataclasses.replace(batch, input_ids=batch.input_ids[part],
+                                            attention_mask=batch.attention_mask[part])
+                logps = policy_logps(module, micro, grad=True)  # (b, C) float32, carries the gradient
+                device = logps.device
+                loss, metrics = policy_loss(
+                    logps,
+                    None if old_logps is None else old_logps[part].to(device),
+                    None if batch.ref_logps is None else batch.ref_logps[part].to(device),
+                    batch.advantages[part].to(device),
+                    mask[part].to(device),
+                    beta=loss_cfg.beta,
+                    epsilon_low=loss_cfg.epsilon,
+                    epsilon_high=loss_cfg.epsilon_high,
+                    loss_type=loss_cfg.loss_type,
+                    max_completion_length=config.rollout.max_completion_length,
+                    importance_sampling_level=loss_cfg.importance_sampling_level,
+                    num_items=num_items,
+                )
+                # One scalar collective per micro-batch: every rank must skip together, or the
+                # gradient all-reduce inside backward would pair up different micro-batches.
+                poisoned = dist_utils.any_rank(not bool(torch.isfinite(loss)))
+                if not poisoned:
+                    for key, value in {"loss": loss, **metrics}.items():
+                        sums[key] = sums.get(key, 0.0) + float(value.detach())
+                    count += 1
+            if poisoned:
+                loss = zero_loss(module, batch)
+            engine.backward(loss)
+            if m == GA - 1 and poisoned:
+                # Skip the update: no parameter moves with a learning rate of 0 (the finite micro-batches'
+                # gradients still reach Adam's moments, which keeps them finite too).
+                saved = [group["lr"] for group in engine.optimizer.param_groups]
+                for group in engine.optimizer.param_groups:
+                    group["lr"] = 0.0
+                engine.step()
+                for group, lr in zip(engine.optimizer.param_groups, saved, strict=True):
+                    group["lr"] = lr
+                nonfinite += 1
+            else:
+                engine.step()
+        norm = engine.get_global_grad_norm()
+        if norm is not None and not poisoned:
+            grad_norms.append(float(norm))
+    result = {key: value / max(count, 1) for key, value in sums.items()}
+    result["grad_norm"] = sum(grad_norms) / len(grad_norms) if grad_norms else math.nan
+    result["nonfinite_updates"] = float(nonfinite)
+    return result
+
+
+# ----------------------------------------------------------------------------------- rollouts
+
+
+class LocalRollouts:
+    """Rollouts generated by this rank from its share of the prompts."""
+
+    def __init__(self, config: RunConfig, tokenizer, model, rank: int, world_size: int):
+        data, rollout = config.data, config.rollout
+        self.config, self.tokenizer, self.rank, self.world_size = config, tokenizer, rank, world_size
+        dataset = load_prompt_dataset(data.dataset_name, data.dataset_split, data.prompt_column, data.answer_column)
+        self.rows, self.skipped_prompts = self._fitting_rows(dataset)
+        if not self.rows:
+            raise ConfigError(f"max_prompt_length={data.max_prompt_length}: every prompt of {data.dataset_name} is "
+                              "longer than this after the chat template; raise it")
+        self.order = PromptOrder(len(self.rows), config.training.seed)
+        self.reward_funcs = load_reward_funcs(rollout.reward_funcs)
+        self.settings = SamplingSettings(rollout.num_generations, rollout.max_completion_length,
+                                         rollout.temperature, rollout.top_p)
+        self.eos_ids = eos_token_ids(tokenizer, model)
+        self.pad_id = tokenizer.pad_token_id
+
+    def _fitting_rows(self, dataset) -> tuple[list[dict], int]:
+        """Rows whose chat-formatted prompt fits max_prompt_length (filtered once, identically on every rank)."""
+        data = self.config.data
+        rows = dataset.to_list()
+        lengths = [len(ids) for ids in encode_prompts(self.tokenizer, [r[data.prompt_column] for r in rows],
+                                                      data.system_prompt)]
+        kept = [row for row, n in zip(rows, lengths, strict=True) if n <= data.max_prompt_length]
+        return kept, len(rows) - len(kept)
+
+    def next(self, model, policy_version: int) -> Rollouts:
+        per_rank = self.config.rollout.prompts_per_step // self.world_size
+        indices = self.order.take(self.config.rollout.prompts_per_step)  # same on every rank
+        mine = [self.rows[i] for i in indices[self.rank * per_rank : (self.rank + 1) * per_rank]]
+        rollout = self.config.rollout
+        return make_rollouts(
+            model, self.tokenizer, mine, prompt_column=self.config.data.prompt_column,
+            system_prompt=self.config.data.system_prompt, settings=self.settings, reward_funcs=self.reward_funcs,
+            reward_weights=rollout.reward_weights, scale_rewards=rollout.scale_rewards,
+            mask_truncated=rollout.mask_truncated_completions, policy_version=policy_version, eos_ids=self.eos_ids,
+            pad_id=self.pad_id,
+        )
+
+
+class ServerRollouts:
+    """Scored batches that generation workers uploaded, leased from the server's queue (GET /get)."""
+
+    def __init__(self, config: RunConfig, client: RefServerClient):
+        self.config, self.client = config, client
+        self.stale_dropped = 0
+        self.leased: list[str] = []
+
+    def next(self, policy_version: int) -> Batch:
+        server = self.config.server
+        deadline = time.monotonic() + server.rollout_wait
+        delay = 0.05
+        while True:
+            batch = self.client.get(lease_seconds=max(server.ref_server_timeout, 600.0))
+            if batch is None:
+                if time.monotonic() > deadline:
+                    raise TimeoutError(
+                        f"no rollout batch arrived from the server queue for {server.rollout_wait:g} s "
+                        "(rollout_source=server): start generation workers with `python grpo_ref_split.py --config "
+                        "... --mode generate` pointing at the same ref_server_url and output_dir"
+                    )
+                time.sleep(delay)
+                delay = min(delay * 2, 2.0)
+                continue
+            if batch.policy_version < policy_version - server.max_staleness:
+                self.client.ack(batch.batch_id)  # consumed by dropping it; never trained on
+                self.stale_dropped += 1
+                continue
+            if batch.advantages is None or batch.completion_mask is None or batch.old_logps is None:
+                raise ValueError(f"batch {batch.batch_id} from the queue lacks advantages, completion_mask or "
+                                 "old_logps; generation workers must upload complete rollouts")
+            GA = self.config.training.gradient_accumulation_steps
+            if batch.batch_size % GA:
+                raise ValueError(f"batch {batch.batch_id} has {batch.batch_size} rows, which "
+                                 f"gradient_accumulation_steps={GA} does not divide; give workers and trainer the same "
+                                 "prompts_per_step and num_generations")
+            if batch.attention_mask is None:
+                batch.attention_mask = torch.ones_like(batch.input_ids)
+            self.leased.append(batch.batch_id)
+            return batch
+
+    def ack_all(self) -> None:
+        for batch_id in self.leased:
+            self.client.ack(batch_id)
+        self.leased.clear()
+
+
+def batch_rollout_view(batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Rewards, completion lengths and truncation flags of a batch that arrived over the wire."""
+    attend = batch.attention_mask[:, batch.prompt_length :]  # (B, C)
+    lengths = attend.sum(1)
+    truncated = lengths == batch.completion_length
+    return batch.rewards.float(), lengths, truncated
+
+
+# ----------------------------------------------------------------------------------- checkpoints
+
+
+def save_checkpoint(engine, tokenizer, config: RunConfig, step: int, state: dict, rank: int) -> Path:
+    """HF model + tokenizer (rank 0, consolidated under ZeRO-3), DeepSpeed state (all ranks), RNG, then
+    trainer_state.json and the rename that makes the checkpoint visible."""
+    output_dir = Path(config.training.output_dir)
+    final = ckpt.checkpoint_dir(output_dir, step)
+    partial = final.with_name(final.name + ".partial")
+    if rank == 0:
+        import shutil
+
+        shutil.rmtree(partial, ignore_errors=True)
+        partial.mkdir(parents=True)
+    dist_utils.barrier()
+    save_hf_model(engine, partial, rank)
+    if rank == 0:
+        tokenizer.save_pretrained(partial)
+    engine.save_checkpoint(str(partial), tag=ckpt.DEEPSPEED_TAG)
+    ckpt.save_rng_state(partial, rank)
+    dist_utils.barrier()
+    if rank == 0:
+        ckpt.write_json_atomic(partial / ckpt.TRAINER_STATE, state)
+        if final.exists():
+            import shutil
+
+            shutil.rmtree(final)
+        partial.rename(final)
+        ckpt.prune_checkpoints(output_dir, config.training.save_total_limit)
+    dist_utils.barrier()
+    return final
+
+
+def save_hf_model(engine, directory: Path, rank: int) -> None:
+    """`save_pretrained` of the policy. Under ZeRO-3 every rank takes part in gathering the weights."""
+    if engine.zero_optimization_stage() == 3:
+        state_dict = engine._zero3_consolidated_16bit_state_dict()
+        if rank == 0:
+            engine.module.save_pretrained(directory, state_dict=state_dict)
+    elif rank == 0:
+        engine.module.save_pretrained(directory)
+
+
+def generation_context(engine):
+    """Under ZeRO-3, gather the full weights for `generate` (each layer would otherwise be gathered
+    once per generated token); otherwise nothing to do."""
+    import contextlib
+
+    if engine.zero_optimization_stage() == 3:
+        import deepspeed
+
+        return deepspeed.zero.GatheredParameters(list(engine.module.parameters()))
+    return contextlib.nullcontext()
+
+
+# ----------------------------------------------------------------------------------- training
+
+
+def train(config: RunConfig) -> int:
+    import deepspeed
+    from tqdm import tqdm
+
+    rank, world_size, _ = dist_utils.init_distributed()
+    check_run_layout(config, world_size)
+    training, rollout, server = config.training, config.rollout, config.server
+    output_dir = Path(training.output_dir)
+    torch.manual_seed(training.seed + rank)  # different samples on each rank, reproducible per rank
+    if rank == 0:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        (output_dir / "config.yaml").write_text(config_to_yaml(*config.all()))
+        (output_dir / ckpt.DONE_MARKER).unlink(missing_ok=True)
+        print(f"resolved configuration (also in {output_dir / 'config.yaml'}):\n{config_to_yaml(*config.all())}",
+              flush=True)
+
+    dtype = resolve_train_dtype(config.model.dtype)
+    tokenizer = load_tokenizer(config.model.model_name_or_path)
+    model = load_policy(config.model.model_name_or_path, dtype, config.model.gradient_checkpointing)
+    source = None if server.rollout_source == "server" else LocalRollouts(config, tokenizer, model, rank, world_size)
+
+    rows_per_rank = rollout.prompts_per_step // world_size * rollout.num_generations
+    ds_config = deepspeed_config(config, world_size, rows_per_rank, dtype)
+    total_updates = training.max_steps * config.loss.num_iterations
+    optimizer = None
+    if "optimizer" not in ds_config:
+        optimizer = torch.optim.AdamW(model.parameters(), lr=training.learning_rate,
+                                      weight_decay=training.weight_decay)
+
+    def make_scheduler(opt):
+        return torch.optim.lr_scheduler.LambdaLR(
+            opt, lr_lambda(training.lr_scheduler_type, training.warmup_steps, total_updates))
+
+    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=make_scheduler,
+                                      model_parameters=None if optimizer else model.parameters(), config=ds_config)
+    engine.train()
+
+    client = None
+    if config.loss.beta > 0 or server.rollout_source == "server":
+        client = RefServerClient(server.ref_server_url, token=server.ref_server_token,
+                                 timeout=server.ref_server_timeout, max_retries=server.ref_server_retries)
+        info = client.wait_ready(timeout=server.ref_server_wait)
+        if rank == 0:
+            print(f"reference server ready: {info}", flush=True)
+    queue = ServerRollouts(config, client) if server.rollout_source == "server" else None
+
+    # Resume: model, optimizer and scheduler from DeepSpeed; prompt order, counters and RNG from ours.
+    start_step, counters = 0, {"nonfinite_steps": 0, "stale_batches": 0}
+    resume = ckpt.resolve_resume(output_dir, training.resume_from_checkpoint)
+    if resume is not None:
+        loaded, _ = engine.load_checkpoint(str(resume), tag=ckpt.DEEPSPEED_TAG)
+        if loaded is None:
+            raise ConfigError(f"resume_from_checkpoint: DeepSpeed could not load {resume / ckpt.DEEPSPEED_TAG}")
+        state = ckpt.read_trainer_state(resume)
+        start_step = state["step"]
+        counters.update(state.get("counters", {}))
+        if source is not None and state.get("prompt_order") is not None:
+            source.order.load_state_dict(state["prompt_order"])
+        if not ckpt.load_rng_state(resume, rank) and rank == 0:
+            print(f"warning: {resume} has no RNG state for rank {rank}; sampling continues from a fresh seed",
+                  file=sys.stderr)
+        if rank == 0:
+            print(f"resumed from {resume} at step {start_step}", flush=True)
+    elif training.resume_from_checkpoint == "latest" and rank == 0:
+        print(f"resume_from_checkpoint=latest: no checkpoint in {output_dir} yet, starting from step 0", flush=True)
+
+    logger = MetricsLogger(output_dir, training.report_to, resume_step=start_step) if rank == 0 else None
+    stop = StopRequested()
+    progress = tqdm(total=training.max_steps, initial=start_step, disable=rank != 0, desc="GRPO", dynamic_ncols=True)
+    func_names = [name for name, _ in source.reward_funcs] if source is not None else []
+    if server.rollout_source == "server" and rank == 0:
+        publish_policy_snapshot(engine, output_dir, start_step, rank)
+
+    step = start_step
+    try:
+        while step < training.max_steps:
+            step += 1
+            started = time.perf_counter()
+            engine.eval()
+            if source is not None:
+                with generation_context(engine):
+                    rollouts = source.next(engine.module, policy_version=step - 1)
+                batch = rollouts.batch
+                rewards, per_func, lengths, truncated = (rollouts.rewards, rollouts.per_func, rollouts.lengths,
+                                                         rollouts.truncated)
+            else:
+                batch = queue.next(policy_version=step - 1)
+                rewards, lengths, truncated = batch_rollout_view(batch)
+                per_func = torch.empty(batch.batch_size, 0)
+            engine.train()
+            if config.loss.beta > 0 and batch.ref_logps is None:
+                batch.ref_logps = client.logps(batch)  # (B, C); retries, then ConnectionError naming the server
+            losses = train_on_batch(engine, batch, config, world_size)
+            if queue is not None:
+                queue.ack_all()
+            if server.rollout_source == "server" and step % server.policy_sync_steps == 0:
+                publish_policy_snapshot(engine, output_dir, step, rank)
+
+            counters["nonfinite_steps"] += int(losses.pop("nonfinite_updates") > 0)
+            if queue is not None:
+                counters["stale_batches"] = queue.stale_dropped
+            step_time = time.perf_counter() - started
+            metrics = step_metrics(rewards, per_func, func_names, lengths, truncated, batch, losses, step_time,
+                                   engine, source, counters, world_size, rollout.num_generations)
+            if rank == 0:
+                if step % training.logging_steps == 0 or step == training.max_steps:
+                    logger.log(step, metrics)
+                progress.update(1)
+                progress.set_postfix(reward=f"{metrics['reward']:.3f}", kl=f"{metrics.get('kl', math.nan):.4f}")
+            stopping = dist_utils.any_rank(stop.requested)
+            if step % training.save_steps == 0 or step == training.max_steps or stopping:
+                state = {"step": step, "counters": counters,
+                         "prompt_order": None if source is None else source.order.state_dict()}
+                path = save_checkpoint(engine, tokenizer, config, step, state, rank)
+                if rank == 0:
+                    progress.write(f"saved {path}")
+            if stopping:
+                if rank == 0:
+                    progress.write(f"stopped at step {step} on request; resume with --resume_from_checkpoint latest")
+                return 0
+        if rank == 0:
+            ckpt.write_json_atomic(output_dir / ckpt.DONE_MARKER, {"step": step})
+        return 0
+    finally:
+        progress.close()
+        if logger is not None:
+            logger.close()
+        if client is not None:
+            client.close()
+
+
+def publish_policy_snapshot(engine, output_dir: Path, version: int, rank: int) -> None:
+    """Newest weights for generation workers (rollout_source: server), in Hugging Face format."""
+    if engine.zero_optimization_stage() == 3:
+        state_dict = engine._zero3_consolidated_16bit_state_dict()  # collective: every rank takes part
+        if rank == 0:
+            ckpt.publish_policy(output_dir, version, lambda d: engine.module.save_pretrained(d, state_dict=state_dict))
+    elif rank == 0:
+        ckpt.publish_policy(output_dir, version, lambda d: engine.module.save_pretrained(d))
+
+
+def step_metrics(rewards, per_func, func_names, lengths, truncated, batch: Batch, losses: dict, step_time: float,
+                 engine, source, counters: dict, world_size: int, num_generations: int) -> dict[str, float]:
+    """Metrics of the whole step: rollout statistics over all ranks' rows, loss metrics averaged over ranks."""
+    gathered = [dist_utils.gather_rows(t) for t in (rewards.float(), per_func.float(), lengths.float(),
+                                                    truncated.float())]
+    metrics = rollout_metrics(gathered[0], gathered[1], func_names, gathered[2], gathered[3].bool(),
+                              num_generations)
+    keys = sorted(losses)
+    totals = dist_utils.all_reduce_sum([losses[k] for k in keys] + [float(batch.attention_mask.sum())])
+    for key, total in zip(keys, totals[:-1], strict=True):
+        metrics[key] = total / world_size
+    metrics["learning_rate"] = float(engine.get_lr()[0])
+    metrics["step_time"] = step_time
+    metrics["tokens_per_second"] = totals[-1] / step_time
+    metrics["skipped_prompts"] = float(source.skipped_prompts if source is not None else 0)
+    metrics["nonfinite_steps"] = float(counters["nonfinite_steps"])
+    if source is None:
+        metrics["stale_batches"] = float(counters["stale_batches"])
+    return metrics
+
+
+# ----------------------------------------------------------------------------------- generation worker
+
+
+def generate(config: RunConfig) -> int:
+    """A generation worker: rollouts from the newest policy snapshot, uploaded to the server's queue."""
+    server, training = config.server, config.training
+    if server.generate_steps is None and not training.output_dir:
+        raise ConfigError("generate mode needs output_dir (to find policy snapshots) or generate_steps")
+    check_run_layout(config, world_size=1)
+    torch.manual_seed(training.seed + 1_000 * (server.worker_id + 1))
+    output_dir = Path(training.output_dir)
+    dtype = resolve_train_dtype(config.model.dtype)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    tokenizer = load_tokenizer(config.model.model_name_or_path)
+    version, path = 0, config.model.model_name_or_path
+    newest = ckpt.latest_policy(output_dir)
+    if newest is not None:
+        version, path = newest[0], str(newest[1])
+    model = load_policy(path, dtype).to(device).eval()
+    config_for_worker = dataclasses.replace(
+        config, training=dataclasses.replace(training, seed=training.seed + 7919 * server.worker_id))
+    source = LocalRollouts(config_for_worker, tokenizer, model, rank=0, world_size=1)
+    stop = StopRequested()
+    uploaded = 0
+    with RefServerClient(server.ref_server_url, token=server.ref_server_token, timeout=server.ref_server_timeout,
+                         max_retries=server.ref_server_retries) as client:
+        client.wait_ready(timeout=server.ref_server_wait)
+        print(f"generation worker {server.worker_id}: policy version {version} from {path}", flush=True)
+        while not stop.requested:
+            if server.generate_steps is not None and uploaded >= server.generate_steps:
+                break
+            if (output_dir / ckpt.DONE_MARKER).exists():
+                print("training finished; generation worker exiting", flush=True)
+                break
+            newest = ckpt.latest_policy(output_dir)
+            if newest is not None and newest[0] > version:
+                try:
+                    model = load_policy(str(newest[1]), dtype).to(device).eval()
+                    version = newest[0]
+                    print(f"generation worker {server.worker_id}: reloaded policy version {version}", flush=True)
+                except (OSError, ConfigError) as exc:  # the trainer may have replaced it meanwhile; next round
+                    print(f"warning: could not load {newest[1]} ({exc}); keeping version {version}", file=sys.stderr)
+            rollouts = source.next(model, policy_version=version)
+            batch = rollouts.batch
+            batch.old_logps = policy_logps(model, batch).cpu()  # the sampling policy's, for the trainer's ratio
+            client.upload(batch, max_wait=server.rollout_wait)
+            uploaded += 1
+            print(f"uploaded batch {uploaded} (policy version {version}, reward {rollouts.rewards.nanmean():.3f})",
+                  flush=True)
+    return 0
+
+
+# ----------------------------------------------------------------------------------- entry point
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        config = parse_run_config(argv)
+    except ConfigError as exc:
+        print(f"configuration error: {exc}", file=sys.stderr)
+        return 2
+    if config.server.mode == "generate":
+        return generate(config)
+    return train(config)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
