@@ -55,13 +55,32 @@ from stable_ops import policy_loss
 # ----------------------------------------------------------------------------------- configuration
 
 
+def strip_launcher_args(argv: list[str]) -> list[str]:
+    """Drop the `--local_rank=N` the deepspeed launcher appends (LOCAL_RANK in the environment says the same)."""
+    kept, skip_next = [], False
+    for arg in argv:
+        if skip_next:
+            skip_next = False
+        elif arg == "--local_rank":
+            skip_next = True
+        elif not arg.startswith("--local_rank="):
+            kept.append(arg)
+    return kept
+
+
 def parse_run_config(argv: list[str] | None = None) -> RunConfig:
     """`--config FILE.yaml` plus command-line overrides -> RunConfig (ConfigError names a bad field)."""
+    argv = strip_launcher_args(list(sys.argv[1:] if argv is None else argv))
     try:
         sections = parse_config(CONFIG_TYPES, argv)
     except ValueError as exc:  # a __post_init__ check; ConfigError is a ValueError too
         raise ConfigError(str(exc)) from exc
-    return RunConfig(*sections)
+    config = RunConfig(*sections)
+    try:  # import user reward modules now: a typo should fail before any model is loaded
+        load_reward_funcs(config.rollout.reward_funcs)
+    except ValueError as exc:
+        raise ConfigError(f"reward_funcs: {exc}") from exc
+    return config
 
 
 def resolve_train_dtype(name: str) -> torch.dtype:
@@ -155,8 +174,12 @@ class StopRequested:
 
     def __init__(self):
         self.requested = False
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, self._handle)
+        self._previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+    def restore(self) -> None:
+        """Put back the handlers that were there before (the trainer may run inside a larger program)."""
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
 
     def _handle(self, signum, frame):
         if self.requested:  # a second Ctrl-C: the user means it
@@ -268,7 +291,8 @@ class LocalRollouts:
     def __init__(self, config: RunConfig, tokenizer, model, rank: int, world_size: int):
         data, rollout = config.data, config.rollout
         self.config, self.tokenizer, self.rank, self.world_size = config, tokenizer, rank, world_size
-        dataset = load_prompt_dataset(data.dataset_name, data.dataset_split, data.prompt_column, data.answer_column)
+        dataset = load_prompt_dataset(data.dataset_name, data.dataset_split, data.prompt_column, data.answer_column,
+                                      data.dataset_config)
         self.rows, self.skipped_prompts = self._fitting_rows(dataset)
         if not self.rows:
             raise ConfigError(f"max_prompt_length={data.max_prompt_length}: every prompt of {data.dataset_name} is "
@@ -540,11 +564,13 @@ def train(config: RunConfig) -> int:
             ckpt.write_json_atomic(output_dir / ckpt.DONE_MARKER, {"step": step})
         return 0
     finally:
+        stop.restore()
         progress.close()
         if logger is not None:
             logger.close()
         if client is not None:
             client.close()
+        dist_utils.shutdown()
 
 
 def publish_policy_snapshot(engine, output_dir: Path, version: int, rank: int) -> None:
@@ -600,34 +626,48 @@ def generate(config: RunConfig) -> int:
     config_for_worker = dataclasses.replace(
         config, training=dataclasses.replace(training, seed=training.seed + 7919 * server.worker_id))
     source = LocalRollouts(config_for_worker, tokenizer, model, rank=0, world_size=1)
+    started = time.time()
     stop = StopRequested()
     uploaded = 0
-    with RefServerClient(server.ref_server_url, token=server.ref_server_token, timeout=server.ref_server_timeout,
-                         max_retries=server.ref_server_retries) as client:
-        client.wait_ready(timeout=server.ref_server_wait)
-        print(f"generation worker {server.worker_id}: policy version {version} from {path}", flush=True)
-        while not stop.requested:
-            if server.generate_steps is not None and uploaded >= server.generate_steps:
-                break
-            if (output_dir / ckpt.DONE_MARKER).exists():
-                print("training finished; generation worker exiting", flush=True)
-                break
-            newest = ckpt.latest_policy(output_dir)
-            if newest is not None and newest[0] > version:
-                try:
-                    model = load_policy(str(newest[1]), dtype).to(device).eval()
-                    version = newest[0]
-                    print(f"generation worker {server.worker_id}: reloaded policy version {version}", flush=True)
-                except (OSError, ConfigError) as exc:  # the trainer may have replaced it meanwhile; next round
-                    print(f"warning: could not load {newest[1]} ({exc}); keeping version {version}", file=sys.stderr)
-            rollouts = source.next(model, policy_version=version)
-            batch = rollouts.batch
-            batch.old_logps = policy_logps(model, batch).cpu()  # the sampling policy's, for the trainer's ratio
-            client.upload(batch, max_wait=server.rollout_wait)
-            uploaded += 1
-            print(f"uploaded batch {uploaded} (policy version {version}, reward {rollouts.rewards.nanmean():.3f})",
-                  flush=True)
+    try:
+        with RefServerClient(server.ref_server_url, token=server.ref_server_token,
+                             timeout=server.ref_server_timeout, max_retries=server.ref_server_retries) as client:
+            client.wait_ready(timeout=server.ref_server_wait)
+            print(f"generation worker {server.worker_id}: policy version {version} from {path}", flush=True)
+            while not stop.requested:
+                if server.generate_steps is not None and uploaded >= server.generate_steps:
+                    break
+                if training_finished_since(output_dir, started):
+                    print("training finished; generation worker exiting", flush=True)
+                    break
+                newest = ckpt.latest_policy(output_dir)
+                if newest is not None and newest[0] > version:
+                    try:
+                        model = load_policy(str(newest[1]), dtype).to(device).eval()
+                        version = newest[0]
+                        print(f"generation worker {server.worker_id}: reloaded policy version {version}", flush=True)
+                    except (OSError, ConfigError) as exc:  # replaced by a newer one meanwhile: next round
+                        print(f"warning: could not load {newest[1]} ({exc}); keeping version {version}",
+                              file=sys.stderr)
+                rollouts = source.next(model, policy_version=version)
+                batch = rollouts.batch
+                batch.old_logps = policy_logps(model, batch).cpu()  # the sampling policy's, for the trainer's ratio
+                client.upload(batch, max_wait=server.rollout_wait)
+                uploaded += 1
+                print(f"uploaded batch {uploaded} (policy version {version}, reward "
+                      f"{rollouts.rewards.nanmean():.3f})", flush=True)
+    finally:
+        stop.restore()
     return 0
+
+
+def training_finished_since(output_dir: Path, since: float) -> bool:
+    """The trainer wrote its done marker after `since` (a marker from an earlier run does not count)."""
+    marker = output_dir / ckpt.DONE_MARKER
+    try:
+        return marker.stat().st_mtime >= since
+    except FileNotFoundError:
+        return False
 
 
 # ----------------------------------------------------------------------------------- entry point

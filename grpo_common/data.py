@@ -11,7 +11,8 @@ from .config import ConfigError
 LOCAL_FORMATS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
 
 
-def load_prompt_dataset(name: str, split: str, prompt_column: str, answer_column: str | None):
+def load_prompt_dataset(name: str, split: str, prompt_column: str, answer_column: str | None,
+                        config_name: str | None = None):
     """A `datasets.Dataset` of prompts; ConfigError naming the field when a column or the dataset is missing.
 
     `name` is a local .json/.jsonl/.csv/.parquet file (loaded with the matching `datasets` builder) or
@@ -27,10 +28,11 @@ def load_prompt_dataset(name: str, split: str, prompt_column: str, answer_column
         dataset = datasets.load_dataset(builder, data_files=str(path), split="train")
     else:
         try:
-            dataset = datasets.load_dataset(name, split=split)
+            dataset = datasets.load_dataset(name, config_name, split=split)
         except (FileNotFoundError, ValueError, ConnectionError) as exc:
             raise ConfigError(
-                f"dataset_name={name!r} (split {split!r}) could not be loaded: {exc}. Pass a hub dataset name this "
+                f"dataset_name={name!r} (config {config_name!r}, split {split!r}) could not be loaded: {exc}. "
+                "Pass a hub dataset name this "
                 "machine can download, or a local .json/.jsonl/.csv/.parquet file"
             ) from exc
     for field_name, column in (("prompt_column", prompt_column), ("answer_column", answer_column)):

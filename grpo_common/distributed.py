@@ -82,3 +82,9 @@ def gather_rows(tensor: torch.Tensor) -> torch.Tensor:
 
 def barrier() -> None:
     dist.barrier()
+
+
+def shutdown() -> None:
+    """Leave the process group (after the last collective), so a process can start another run."""
+    if dist.is_initialized():
+        dist.destroy_process_group()

@@ -43,6 +43,9 @@ class DataConfig:
         default=None, metadata={"help": "hub dataset name, or a local .json/.jsonl/.csv/.parquet file (required in "
                                         "train mode with rollout_source=local, and in generate mode)"}
     )
+    dataset_config: str | None = field(
+        default=None, metadata={"help": "configuration name of a hub dataset (e.g. main for openai/gsm8k)"}
+    )
     dataset_split: str = field(default="train", metadata={"help": "split of a hub dataset"})
     prompt_column: str = field(default="prompt", metadata={"help": "dataset column holding the question text"})
     answer_column: str | None = field(
