@@ -254,6 +254,9 @@ def train_on_batch(engine, batch: Batch, config: RunConfig, world_size: int) -> 
                 # One scalar collective per micro-batch: every rank must skip together, or the
                 # gradient all-reduce inside backward would pair up different micro-batches.
                 poisoned = dist_utils.any_rank(not bool(torch.isfinite(loss)))
+                if poisoned:
+                    print(f"warning: non-finite loss ({float(loss.detach())}) on a micro-batch of some rank: this "
+                          "update is skipped (counted in nonfinite_steps)", file=sys.stderr, flush=True)
                 if not poisoned:
                     for key, value in {"loss": loss, **metrics}.items():
                         sums[key] = sums.get(key, 0.0) + float(value.detach())
@@ -570,7 +573,6 @@ def train(config: RunConfig) -> int:
             logger.close()
         if client is not None:
             client.close()
-        dist_utils.shutdown()
 
 
 def publish_policy_snapshot(engine, output_dir: Path, version: int, rank: int) -> None:
@@ -685,4 +687,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_code = main()
+    # Only here, at process exit: DeepSpeed keeps its own handles on the process group, so a run
+    # called in-process (tests, notebooks) must leave the group up for the next one.
+    dist_utils.shutdown()
+    sys.exit(exit_code)

@@ -85,6 +85,6 @@ def barrier() -> None:
 
 
 def shutdown() -> None:
-    """Leave the process group (after the last collective), so a process can start another run."""
+    """Leave the process group after the last collective (torch warns at exit otherwise)."""
     if dist.is_initialized():
         dist.destroy_process_group()
