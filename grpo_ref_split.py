@@ -38,7 +38,7 @@ from grpo_common.config import ConfigError, config_to_yaml, parse_config
 from grpo_common.data import PromptOrder, load_prompt_dataset
 from grpo_common.metrics import MetricsLogger
 from grpo_common.modeling import DTYPES
-from grpo_common.rewards import load_reward_funcs
+from grpo_common.rewards import RewardFunctionError, load_reward_funcs
 from grpo_common.rollout import (
     Rollouts,
     SamplingSettings,
@@ -681,9 +681,14 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"configuration error: {exc}", file=sys.stderr)
         return 2
-    if config.server.mode == "generate":
-        return generate(config)
-    return train(config)
+    try:
+        if config.server.mode == "generate":
+            return generate(config)
+        return train(config)
+    except (ConfigError, ConnectionError, TimeoutError, RewardFunctionError) as exc:
+        # Expected operational failures: one clear message (what failed, what to do), exit code 1.
+        print(f"error: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
+        return 1
 
 
 if __name__ == "__main__":
