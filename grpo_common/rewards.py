@@ -222,6 +222,22 @@ def _parse_math(text: str) -> list[Any]:
 # Built-in reward functions
 
 
+# An integer as GSM8K and the toy task write them: optional minus, digits, optional thousands commas
+# (no "+": math_verify does not parse "+7", and the fast path must give its answers).
+# ASCII digits only: \d would also take other scripts' digits, which math_verify does not read.
+_PLAIN_INTEGER = re.compile(r"-?(?:[0-9]{1,3}(?:,[0-9]{3})+|[0-9]+)")
+
+
+def _plain_integer(text: str | None) -> int | None:
+    """The value of a text that is just an integer ("72", "-3", "1,234"), else None."""
+    if text is None:
+        return None
+    text = text.strip()
+    if len(text) > 40 or not _PLAIN_INTEGER.fullmatch(text):
+        return None
+    return int(text.replace(",", ""))
+
+
 def accuracy_reward(
     prompts: Sequence[str], completions: Sequence[str], answer: Sequence[Any] | None = None, **columns: Any
 ) -> list[float | None]:
@@ -255,13 +271,19 @@ def accuracy_reward(
         if gold_text is None:
             rewards.append(None)
             continue
+        predicted_text = extract_answer(completion) if isinstance(completion, str) else None
+        gold_int, predicted_int = _plain_integer(gold_text), _plain_integer(predicted_text)
+        if gold_int is not None and predicted_int is not None:
+            # Two plain integers: exact comparison gives math_verify's answer at a fraction of its
+            # cost (~10 ms per sympy parse; a step scores hundreds of completions).
+            rewards.append(1.0 if gold_int == predicted_int else 0.0)
+            continue
         if gold_text not in gold_cache:
             gold_cache[gold_text] = _parse_math(gold_text)
         gold = gold_cache[gold_text]
         if not gold:
             rewards.append(None)
             continue
-        predicted_text = extract_answer(completion) if isinstance(completion, str) else None
         predicted = _parse_math(predicted_text) if predicted_text else []
         # verify(gold, prediction) is not symmetric (math_verify docs): gold goes first.
         correct = bool(predicted) and verify(gold, predicted, timeout_seconds=timeout)

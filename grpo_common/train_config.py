@@ -33,7 +33,8 @@ class ModelConfig:
                                           "float32 (DeepSpeed's bf16/fp16 sections follow this)"}
     )
     gradient_checkpointing: bool = field(
-        default=False, metadata={"help": "recompute activations in backward: less memory, about 30% more time"}
+        default=False,
+        metadata={"help": "recompute activations in backward: less memory, one more forward pass of compute"},
     )
 
 

@@ -425,3 +425,18 @@ def test_score_rejects_bad_return_values(output, problem):
         score_completions([("weird", lambda **kw: output)], None, PROMPTS, COMPLETIONS, {})
     assert error.value.func_name == "weird" and error.value.prompt == "p0"
     assert str(error.value).startswith("reward function 'weird' ") and problem in str(error.value)
+
+
+def test_plain_integers_are_compared_without_sympy_and_agree_with_math_verify(monkeypatch):
+    from math_verify import parse, verify
+
+    pairs = [("72", "72"), ("72", "072"), ("-3", "-3"), ("1,234", "1234"), ("5", "6"), ("0", "-0"),
+             ("1000000", "1,000,000"), ("12", "-12")]
+    expected = [1.0 if verify(parse(gold), parse(pred)) else 0.0 for gold, pred in pairs]
+
+    def no_sympy(text):
+        raise AssertionError(f"math_verify parse called for the plain integer {text!r}")
+
+    monkeypatch.setattr(rewards, "_parse_math", no_sympy)
+    completions = [f"<answer>{pred}</answer>" for _, pred in pairs]
+    assert accuracy(completions, [gold for gold, _ in pairs]) == expected
