@@ -8,6 +8,7 @@ import torch
 import waitress
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
+from waitress import wasyncore
 
 
 class AllocationRecorder(TorchDispatchMode):
@@ -165,14 +166,26 @@ class LoopbackServer:
     def __init__(self, app, port: int = 0):
         self._server = waitress.create_server(app, host="127.0.0.1", port=port, threads=4)
         self.url = f"http://127.0.0.1:{self._server.effective_port}"
-        self._thread = threading.Thread(target=self._server.run, daemon=True)
+        self._closing = threading.Event()
+        self._thread = threading.Thread(target=self._serve, daemon=True)
         self._thread.start()
+
+    def _serve(self) -> None:
+        # waitress's own run() loops until its socket map is empty. Looping here in short rounds
+        # instead lets close() ask for the shutdown with a flag, and every socket and pipe is then
+        # closed by this thread: closing them from another thread races the select() this thread
+        # is blocked in (EBADF), and waking it through waitress's trigger pipe failed in CI with
+        # EBADF on the pipe itself (once in some fifty runs; not reproduced under tracing).
+        socket_map = self._server._map
+        while not self._closing.is_set():
+            wasyncore.loop(timeout=0.05, map=socket_map, count=1)
+        self._server.close()  # the listening socket and the trigger pipe
+        while socket_map:  # connections still open: serve them until their clients close them
+            wasyncore.loop(timeout=0.05, map=socket_map, count=1)
 
     def close(self) -> bool:
         """Stop listening; True once the serving thread ended (it ends only when no client holds a connection)."""
-        # Closed from inside the serving thread (a trigger thunk): closing its sockets from here
-        # races the select() it is blocked in, which then fails with EBADF.
-        self._server.trigger.pull_trigger(self._server.close)
-        self._server.task_dispatcher.shutdown(timeout=2)
+        self._closing.set()
         self._thread.join(timeout=2)
+        self._server.task_dispatcher.shutdown(timeout=2)
         return not self._thread.is_alive()
