@@ -100,3 +100,28 @@ def ref_server(tiny_model_dir) -> Iterator[ServerProcess]:
                            "--retry_after_seconds", "1")
     yield server
     assert server.stop() == 0, "".join(server.stderr_lines[-40:])
+
+
+def load_script(name: str):
+    """Import scripts/<name>.py as a module (scripts/ is a folder of entry points, not a package)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"scripts_{name}", REPO / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses in the script look their module up here
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="session")
+def toy_model_dir(tmp_path_factory) -> Path:
+    """The toy model and tokenizer of the demo (scripts/make_toy_model.py, seed 0), built once per session."""
+    return Path(load_script("make_toy_model").build_toy_model(tmp_path_factory.mktemp("toy_model"), seed=0))
+
+
+@pytest.fixture(scope="session")
+def toy_dataset_path(tmp_path_factory) -> Path:
+    """64 toy examples as JSONL (scripts/make_toy_data.py's format)."""
+    from grpo_common.toy_task import make_examples, write_jsonl
+
+    return write_jsonl(tmp_path_factory.mktemp("toy_data") / "toy.jsonl", make_examples(64, seed=0))
