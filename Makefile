@@ -18,10 +18,10 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -e ".[dev]"
 	touch $(STAMP)
 
-# The main job. For now: the stable-ops benchmark at the Qwen2.5 vocabulary, 4,096 tokens
-# (about four minutes on 2 cores). The toy end-to-end training run replaces it.
+# The main job: a real GRPO run on the toy task, two DeepSpeed CPU ranks with the reference
+# server in the loop (scripts/run_demo.py); about 3 minutes on 2 cores.
 demo: $(STAMP)
-	$(BIN)/python scripts/bench_logprobs.py --batch 4 --length 1024 --repeats 1
+	$(BIN)/python scripts/run_demo.py
 
 test: $(STAMP)
 	$(BIN)/python -m pytest

@@ -33,7 +33,7 @@ import torch
 
 from grpo_common import checkpoint as ckpt
 from grpo_common import distributed as dist_utils
-from grpo_common.client import RefServerClient
+from grpo_common.client import RefServerClient, RefServerError
 from grpo_common.config import ConfigError, config_to_yaml, parse_config
 from grpo_common.data import PromptOrder, load_prompt_dataset
 from grpo_common.metrics import MetricsLogger
@@ -685,7 +685,7 @@ def main(argv: list[str] | None = None) -> int:
         if config.server.mode == "generate":
             return generate(config)
         return train(config)
-    except (ConfigError, ConnectionError, TimeoutError, RewardFunctionError) as exc:
+    except (ConfigError, ConnectionError, TimeoutError, RefServerError, RewardFunctionError) as exc:
         # Expected operational failures: one clear message (what failed, what to do), exit code 1.
         print(f"error: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
         return 1
