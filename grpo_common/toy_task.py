@@ -1,26 +1,25 @@
 """The toy task: a GRPO problem that a tiny random model learns in minutes on a CPU.
 
-Each prompt names one digit among a few distractor words, and the answer is that digit:
+Each prompt names one digit among a few words, and the answer is that digit:
 
-    prompt:  "copy the digit 7 please"        answer: "7"
-    wanted:  "<answer>7</answer>"
+    prompt:  "copy the digit 7"        answer: "7"        wanted completion: "<answer>7</answer>"
 
-Why this task: the end-to-end run and the demo need a reward that visibly rises within a few
-minutes on two CPU cores, starting from random weights. Copying a token from the context is the
-easiest thing a transformer learns (with tied embeddings a random model already leans towards
-repeating what it has seen), so the correctness signal is learnable; a random model still earns
-it now and then, because the toy vocabulary is tiny and a tenth of it is digits, which gives
-GRPO the reward variance within a group that it needs.
+Why this task: the demo and the end-to-end test need a reward that visibly rises within a few
+minutes on two CPU cores, starting from random weights. A random model with the 74-token toy
+vocabulary (scripts/make_toy_model.py) earns some reward (an `<answer>` tag now and then, the right
+digit one time in ten), which gives GRPO the reward variance within a group that it needs. It
+first learns the answer layout (tens of steps), then which digit to copy from the prompt (a
+transformer's easiest skill, yet one that takes a few hundred steps of GRPO's noisy signal).
 
 Two reward functions exercise the real reward interface (TRL's `f(prompts, completions,
-**columns) -> list[float | None]`):
+**columns) -> list[float | None]`), for a total reward from 0 to 2:
   - the project's built-in `accuracy`: the last `<answer>` content, else the last number of the
-    completion, compared with the `answer` column (a random digit matches one time in ten);
+    completion, compared with the `answer` column;
   - `answer_format_reward` below, loaded as `grpo_common.toy_task:answer_format_reward`:
-    partial credit on the way to exactly `<answer>N</answer>`, a dense signal a random model
+    partial credit on the way to exactly `<answer>...</answer>`, a dense signal a random model
     earns often.
 
-The vocabulary of every prompt is fixed (`VOCABULARY_TEXT`), so a toy tokenizer trained on it
+The words of every prompt are fixed (`VOCABULARY_TEXT`), so a toy tokenizer trained on them
 covers every dataset `make_examples` can produce, whatever the seed.
 """
 
@@ -94,7 +93,8 @@ def completion_text(completion: str | Sequence[dict[str, str]]) -> str:
     """A completion as text: a string as is, a conversational completion (list of messages) as its last content."""
     if isinstance(completion, str):
         return completion
-    if completion and isinstance(completion[-1], dict) and "content" in completion[-1]:
+    if isinstance(completion, (list, tuple)) and completion and isinstance(completion[-1], dict) \
+            and "content" in completion[-1]:
         return str(completion[-1]["content"])
     raise TypeError(
         f"completion must be a string or a list of chat messages with 'content', got {type(completion).__name__}"

@@ -22,6 +22,7 @@ from grpo_common.toy_task import make_examples, write_jsonl  # noqa: E402
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Command line: write `--num` examples of seed `--seed` to OUT as JSONL."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("out", type=Path, help="JSONL file to write")
     parser.add_argument("--num", type=int, default=1000, help="number of examples")
