@@ -612,8 +612,6 @@ def step_metrics(rewards, per_func, func_names, lengths, truncated, batch: Batch
 def generate(config: RunConfig) -> int:
     """A generation worker: rollouts from the newest policy snapshot, uploaded to the server's queue."""
     server, training = config.server, config.training
-    if server.generate_steps is None and not training.output_dir:
-        raise ConfigError("generate mode needs output_dir (to find policy snapshots) or generate_steps")
     check_run_layout(config, world_size=1)
     torch.manual_seed(training.seed + 1_000 * (server.worker_id + 1))
     output_dir = Path(training.output_dir)

@@ -14,7 +14,7 @@ import torch
 
 from stable_ops import completion_mask, group_advantages
 
-from .modeling import position_ids_from_mask, row_chunks
+from .modeling import row_chunks
 from .rewards import score_completions
 from .wire import Batch
 
@@ -183,8 +183,12 @@ def rollout_metrics(rewards: torch.Tensor, per_func: torch.Tensor, func_names: l
     for j, name in enumerate(func_names):
         metrics[f"rewards/{name}/mean"], metrics[f"rewards/{name}/std"] = nan_stats(per_func[:, j])
     grouped = rewards.view(-1, num_generations)  # (N/G, G)
-    spread = torch.nan_to_num(grouped.amax(1) - grouped.amin(1), nan=0.0)
-    metrics["frac_reward_zero_std"] = (spread == 0).float().mean().item()
+    scored = ~torch.isnan(grouped)
+    spread = (torch.where(scored, grouped, -torch.inf).amax(1) - torch.where(scored, grouped, torch.inf).amin(1))
+    # Groups that carry no learning signal: their scored rewards are all equal, or fewer than two
+    # were scored (group_advantages gives all of them advantage 0).
+    no_signal = (scored.sum(1) < 2) | (spread == 0)
+    metrics["frac_reward_zero_std"] = no_signal.float().mean().item()
     lengths = lengths.float()
     metrics["completions/mean_length"] = lengths.mean().item()
     metrics["completions/min_length"] = lengths.min().item()
@@ -195,5 +199,5 @@ def rollout_metrics(rewards: torch.Tensor, per_func: torch.Tensor, func_names: l
 
 __all__ = [
     "Rollouts", "SamplingSettings", "encode_prompts", "eos_token_ids", "format_prompt", "left_pad", "make_rollouts",
-    "nan_stats", "policy_logps", "position_ids_from_mask", "rollout_metrics", "sample_completions",
+    "nan_stats", "policy_logps", "rollout_metrics", "sample_completions",
 ]

@@ -1,0 +1,118 @@
+"""Rollout assembly (grpo_common.rollout) and the checkpoint layout (grpo_common.checkpoint)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from grpo_common import checkpoint as ckpt
+from grpo_common.config import ConfigError
+from grpo_common.rewards import load_reward_funcs
+from grpo_common.rollout import SamplingSettings, eos_token_ids, left_pad, make_rollouts, rollout_metrics
+from grpo_common.wire import decode_batch, encode_batch
+
+
+def test_left_pad_aligns_prompts_on_the_right():
+    ids, mask = left_pad([[5, 6, 7], [8]], pad_id=0)
+    assert ids.tolist() == [[5, 6, 7], [0, 0, 8]]
+    assert mask.tolist() == [[1, 1, 1], [0, 0, 1]]
+
+
+def test_rollout_metrics_over_groups():
+    rewards = torch.tensor([1.0, 1.0, 0.0, 2.0, float("nan"), 3.0])  # groups of 2: equal, spread, NaN + 3
+    per_func = torch.stack([rewards, torch.zeros(6)], dim=1)
+    lengths = torch.tensor([4, 8, 8, 2, 5, 8])
+    truncated = torch.tensor([False, True, True, False, False, True])
+    metrics = rollout_metrics(rewards, per_func, ["a", "b"], lengths, truncated, num_generations=2)
+    assert metrics["reward"] == pytest.approx(7 / 5)  # the NaN is left out
+    # No signal from the flat first group, nor from the third, where only one reward was scored.
+    assert metrics["frac_reward_zero_std"] == pytest.approx(2 / 3)
+    assert metrics["completions/mean_length"] == pytest.approx(35 / 6)
+    assert metrics["completions/clipped_ratio"] == pytest.approx(0.5)
+    assert metrics["rewards/b/mean"] == 0.0 and metrics["rewards/b/std"] == 0.0
+    single = rollout_metrics(torch.tensor([1.0, float("nan")]), torch.zeros(2, 0), [], lengths[:2], truncated[:2], 2)
+    assert single["reward"] == 1.0 and math.isnan(single["reward_std"])
+
+
+def none_for_the_first(prompts, completions, **columns):
+    return [None] + [1.0] * (len(completions) - 1)
+
+
+def test_make_rollouts_builds_a_valid_wire_batch(toy_model_dir):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(toy_model_dir)
+    model = AutoModelForCausalLM.from_pretrained(toy_model_dir).eval()
+    rows = [{"prompt": "copy the digit 3", "answer": "3"}, {"prompt": "7 is the digit to copy", "answer": "7"}]
+    funcs = load_reward_funcs(["test_rollout:none_for_the_first", "grpo_common.toy_task:answer_format_reward"])
+    torch.manual_seed(0)
+    eos = eos_token_ids(tokenizer, model)
+    rollouts = make_rollouts(
+        model, tokenizer, rows, prompt_column="prompt", system_prompt="be brief",
+        settings=SamplingSettings(num_generations=4, max_completion_length=6, temperature=1.0, top_p=1.0),
+        reward_funcs=funcs, reward_weights=[1.0, 0.5], scale_rewards="group", mask_truncated=True,
+        policy_version=3, eos_ids=eos, pad_id=tokenizer.pad_token_id,
+    )
+    batch = rollouts.batch
+    P, C = batch.prompt_length, batch.completion_length
+    assert batch.batch_size == 8 and C <= 6 and batch.num_generations == 4 and batch.policy_version == 3
+    # Prompts are left-padded and repeated G times; rows of a group share their prompt.
+    assert torch.equal(batch.input_ids[0, :P], batch.input_ids[3, :P])
+    assert batch.attention_mask[:, P - 1].all()
+    # The completion mask covers up to and including the first EOS; truncated rows are zeroed.
+    completion = batch.input_ids[:, P:]
+    for row in range(8):
+        hits = torch.isin(completion[row], torch.tensor(eos)).nonzero()
+        if len(hits):
+            end = int(hits[0]) + 1
+            assert batch.completion_mask[row, :end].all() and not batch.completion_mask[row, end:].any()
+            assert int(rollouts.lengths[row]) == end
+        else:
+            assert rollouts.truncated[row] and not batch.completion_mask[row].any()
+    # Row 0: the first function could not score it, the second gave a weighted score.
+    assert math.isnan(rollouts.per_func[0, 0]) and rollouts.rewards[0] == pytest.approx(0.5 * rollouts.per_func[0, 1])
+    # The wire batch is finite and survives encoding.
+    decoded = decode_batch(encode_batch(batch), vocab_size=len(tokenizer), require_rollout=True)
+    assert torch.equal(decoded.input_ids, batch.input_ids) and torch.equal(decoded.advantages, batch.advantages)
+
+
+def test_checkpoints_are_listed_only_when_complete_and_pruned(tmp_path):
+    for step in (1, 2, 3):
+        directory = ckpt.checkpoint_dir(tmp_path, step)
+        directory.mkdir()
+        ckpt.write_json_atomic(directory / ckpt.TRAINER_STATE, {"step": step})
+    (tmp_path / "checkpoint-4").mkdir()  # no trainer_state.json: a save that never finished
+    (tmp_path / "checkpoint-5.partial").mkdir()
+    assert [step for step, _ in ckpt.list_checkpoints(tmp_path)] == [1, 2, 3]
+    assert ckpt.resolve_resume(tmp_path, "latest") == tmp_path / "checkpoint-3"
+    assert ckpt.resolve_resume(tmp_path / "empty", "latest") is None
+    assert ckpt.resolve_resume(tmp_path, None) is None
+    with pytest.raises(ConfigError, match="not a complete checkpoint"):
+        ckpt.resolve_resume(tmp_path, str(tmp_path / "checkpoint-4"))
+    ckpt.prune_checkpoints(tmp_path, keep=2)
+    assert [step for step, _ in ckpt.list_checkpoints(tmp_path)] == [2, 3]
+    assert not (tmp_path / "checkpoint-5.partial").exists()
+
+
+def test_policy_snapshots_appear_whole_and_old_ones_go(tmp_path):
+    def save_to(directory):
+        directory.mkdir()
+        (directory / "model.safetensors").write_text("weights")
+
+    assert ckpt.latest_policy(tmp_path) is None
+    for version in (1, 2, 3):
+        ckpt.publish_policy(tmp_path, version, save_to, keep=2)
+    assert ckpt.latest_policy(tmp_path) == (3, tmp_path / "policy-3")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["policy-2", "policy-3"]  # no temp dirs left
+
+
+def test_rng_state_round_trip(tmp_path):
+    torch.manual_seed(123)
+    ckpt.save_rng_state(tmp_path, rank=0)
+    expected = torch.rand(3)
+    torch.rand(5)
+    assert ckpt.load_rng_state(tmp_path, rank=0)
+    assert torch.equal(torch.rand(3), expected)
+    assert not ckpt.load_rng_state(tmp_path, rank=1)
