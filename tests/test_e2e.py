@@ -60,7 +60,7 @@ class Training:
             code = self.proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             self.kill()
-            raise
+            pytest.fail(f"training did not finish within {timeout:g} s; its output ends with:\n{self.output()[-3000:]}")
         self.log.close()
         return code
 
