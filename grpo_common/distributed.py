@@ -84,7 +84,13 @@ def barrier() -> None:
     dist.barrier()
 
 
-def shutdown() -> None:
-    """Leave the process group after the last collective (torch warns at exit otherwise)."""
+def shutdown(wait_for_all: bool = True) -> None:
+    """Leave the process group after the last collective (torch warns at exit otherwise).
+
+    With `wait_for_all`, ranks first meet in a barrier, so none tears down its connections while
+    another still uses them; a rank that failed skips it (the others may never arrive).
+    """
     if dist.is_initialized():
+        if wait_for_all:
+            dist.barrier()
         dist.destroy_process_group()
