@@ -18,7 +18,8 @@ and loaded by `load_reward_funcs`.
 TRL: a weighted sum that skips `None`, with NaN for a completion no function could score (the
 advantage code gives NaN rewards an advantage of 0). A function that raises or returns something
 that is not a list of N real numbers/None stops training with a `RewardFunctionError` naming the
-function: a reward bug must never turn silently into a reward of 0.
+function, the completion it failed on and that completion's prompt, and, when it raised, the
+traceback inside the function: a reward bug must never turn silently into a reward of 0.
 
 Input values accepted from reward functions: any `numbers.Real` (int, float, numpy floats) and
 `None`; a bool counts as 1.0/0.0, because `pred == gold` is a natural way to write a 0/1 reward and
@@ -34,6 +35,7 @@ import numbers
 import os
 import re
 import threading
+import traceback
 from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -63,6 +65,9 @@ MATH_VERIFY_TIMEOUT_S = 3
 # dropped if even that is longer: math_verify's cost grows with the text, and a final answer is short.
 _MAX_ANSWER_CHARS = 1000
 _PROMPT_CHARS_IN_ERRORS = 200
+# Frames of a reward function's traceback quoted in a RewardFunctionError: the innermost ones, where
+# the bug usually is, without burying the message under a deep library stack.
+_TRACEBACK_FRAMES_IN_ERRORS = 10
 
 # Full-width ASCII forms (U+FF01..U+FF5E, typed by CJK input methods: "４２", "＜answer＞") map to
 # ASCII, and the Unicode minus signs to "-". Deliberately not NFKC: it would also turn "3²" into
@@ -83,8 +88,9 @@ _THINK_OPEN, _THINK_CLOSE, _ANSWER_OPEN, _ANSWER_CLOSE = "<think>", "</think>", 
 class RewardFunctionError(RuntimeError):
     """A reward function raised or returned something unusable.
 
-    `func_name` is the function's name as configured; `prompt` is the first prompt of the batch it
-    was scoring (the full text; the message holds its first 200 characters).
+    `func_name` is the function's name as configured; `prompt` is the prompt of the completion it
+    failed on, or the batch's first prompt when the failure belongs to no single completion (the
+    full text; the message holds its first 200 characters).
     """
 
     def __init__(self, message: str, *, func_name: str, prompt: str | None) -> None:
@@ -396,8 +402,14 @@ def _as_list(output: Any) -> list[Any] | None:
     return None
 
 
-def _checked_values(name: str, output: Any, n: int, prompt: str | None) -> list[float]:
-    """A reward function's output as N floats with NaN for None; RewardFunctionError otherwise."""
+def _checked_values(name: str, output: Any, prompts: Sequence[str]) -> list[float]:
+    """A reward function's output as N floats with NaN for None; RewardFunctionError otherwise.
+
+    An error about one value names that completion's prompt; one about the whole output names the
+    first prompt.
+    """
+    n = len(prompts)
+    prompt = prompts[0] if n else None
     values = _as_list(output)
     if values is None:
         raise RewardFunctionError(
@@ -417,15 +429,15 @@ def _checked_values(name: str, output: Any, n: int, prompt: str | None) -> list[
         if not isinstance(value, numbers.Real):
             raise RewardFunctionError(
                 f"reward function {name!r} returned {value!r} ({type(value).__name__}) at index {index}; "
-                "expected a real number or None",
-                func_name=name, prompt=prompt,
+                f"expected a real number or None; prompt: {_shown(prompts[index])}",
+                func_name=name, prompt=prompts[index],
             )
         number = float(value)
         if math.isinf(number):
             raise RewardFunctionError(
                 f"reward function {name!r} returned {number} at index {index}; rewards must be finite "
-                "(return None for a completion it cannot score)",
-                func_name=name, prompt=prompt,
+                f"(return None for a completion it cannot score); prompt: {_shown(prompts[index])}",
+                func_name=name, prompt=prompts[index],
             )
         floats.append(number)  # NaN stays NaN: "cannot score", like None
     return floats
@@ -440,7 +452,9 @@ def score_completions(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Score N completions with F reward functions.
 
-    Each function is called once, as `func(prompts=..., completions=..., **columns)`.
+    Each function is called once, as `func(prompts=..., completions=..., **columns)`; only when
+    that call raises is it called again, one completion at a time, to find the completion it fails
+    on (see `_raised_error`).
     Returns `(rewards, per_func)`: `per_func` (N, F) float32 holds each function's values with NaN
     for None; `rewards` (N,) float32 is the weighted sum over functions skipping NaN (TRL's nansum),
     and NaN where no function could score the completion.
@@ -465,20 +479,80 @@ def score_completions(
     if not all(isinstance(w, numbers.Real) and math.isfinite(w) for w in weights):
         raise ValueError(f"reward weights must be finite numbers, got {list(weights)}")
 
-    first_prompt = prompts[0] if n else None
     per_func = torch.empty(n, f, dtype=torch.float64)  # (N, F)
     for j, (name, func) in enumerate(reward_funcs):
         try:
             output = func(prompts=prompts, completions=completions, **columns)
         except Exception as exc:
-            shown = (first_prompt or "")[:_PROMPT_CHARS_IN_ERRORS]
-            raise RewardFunctionError(
-                f"reward function {name!r} raised {type(exc).__name__}: {exc} on prompt: {shown!r}",
-                func_name=name, prompt=first_prompt,
-            ) from exc
-        per_func[:, j] = torch.tensor(_checked_values(name, output, n, first_prompt), dtype=torch.float64)
+            raise _raised_error(name, func, exc, prompts, completions, columns) from exc
+        per_func[:, j] = torch.tensor(_checked_values(name, output, prompts), dtype=torch.float64)
 
     weighted = per_func * torch.tensor([float(w) for w in weights], dtype=torch.float64)  # (N, F)
     rewards = torch.nansum(weighted, dim=1)  # (N,)
     rewards[per_func.isnan().all(dim=1)] = math.nan
     return rewards.float(), per_func.float()
+
+
+def _shown(prompt: str | None) -> str:
+    return repr((prompt or "")[:_PROMPT_CHARS_IN_ERRORS])
+
+
+def _user_traceback(exc: BaseException) -> str:
+    """The frames of `exc` below the frame that caught it (the reward function's own), innermost last.
+
+    Formatted at once: calling the function again with the same exception object (a function may
+    raise one it keeps) would chain more frames onto its `__traceback__`.
+    """
+    below_caller = exc.__traceback__.tb_next if exc.__traceback__ is not None else None
+    frames = traceback.extract_tb(below_caller)
+    if not frames:
+        return "  (none: the call itself failed; does the function take prompts, completions and **kwargs?)\n"
+    skipped = len(frames) - _TRACEBACK_FRAMES_IN_ERRORS
+    shown = frames[-_TRACEBACK_FRAMES_IN_ERRORS:] if skipped > 0 else frames
+    head = f"  ... {skipped} outer frames left out ...\n" if skipped > 0 else ""
+    return head + "".join(traceback.format_list(shown))
+
+
+def _failing_row(func: RewardFunc, exc: Exception, prompts: Sequence[str], completions: Sequence[str],
+                 columns: dict[str, list[Any]]) -> int | None:
+    """The first completion that alone makes `func` raise what the whole batch raised, or None.
+
+    Each call gets that row's prompt, completion and column values as lists of one. A row only
+    counts when it raises the batch's exception type: a function that fails differently on a
+    batch of one (a std over one value, say) must not be blamed on whichever row comes first.
+    """
+    for index in range(len(completions)):
+        try:
+            func(prompts=[prompts[index]], completions=[completions[index]],
+                 **{column: [values[index]] for column, values in columns.items()})
+        except Exception as row_exc:  # whatever it raises is the answer sought; none escapes from here
+            if type(row_exc) is type(exc):
+                return index
+    return None
+
+
+def _raised_error(name: str, func: RewardFunc, exc: Exception, prompts: Sequence[str],
+                  completions: Sequence[str], columns: dict[str, list[Any]]) -> RewardFunctionError:
+    """The error for a reward function whose batch call raised `exc`: which completion, its prompt, where.
+
+    The trainer prints only this message and exits, so it carries the prompt and the traceback
+    inside the user's function itself. Finding the completion costs up to N more calls, on a path
+    that ends the run anyway.
+    """
+    where = _user_traceback(exc)
+    original_traceback = exc.__traceback__
+    n = len(completions)
+    row = _failing_row(func, exc, prompts, completions, columns)
+    exc.with_traceback(original_traceback)  # undo frames a re-raise of the same object chained on
+    if row is None:
+        prompt = prompts[0] if n else None
+        what = (f"on the batch of {n} completions, though on none of them alone; "
+                f"first prompt: {_shown(prompt)}")
+    else:
+        prompt = prompts[row]
+        what = f"on completion {row} of {n}, prompt: {_shown(prompt)}"
+    return RewardFunctionError(
+        f"reward function {name!r} raised {type(exc).__name__}: {exc} {what}\n"
+        f"traceback inside the reward function (most recent call last):\n{where.rstrip()}",
+        func_name=name, prompt=prompt,
+    )

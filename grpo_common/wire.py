@@ -18,6 +18,13 @@ On the wire:
 - masks travel as uint8: one byte per position, and unlike BOOL every byte value is a defined
   integer, so a stray 2 is caught by the 0/1 check instead of being undefined behaviour.
   int32/int64/bool masks from other senders are accepted too; all decode to int64.
+- `scored` (optional, (B,)) is a 0/1 flag per completion, 1 where at least one reward function
+  could score it; it travels and decodes like the masks (uint8 on the wire, int64 after decode,
+  so it indexes and multiplies like them). Rewards must be finite, so an unscored completion
+  carries reward 0 and `scored` says that 0 is no score at all, for reward means that leave it
+  out. A batch without it (every batch from an older sender) means all scored. It is optional
+  within "grpo-batch/1", so old batches still decode; a receiver older than the field rejects a
+  batch that carries it as an unknown tensor, loudly.
 - rewards, advantages and log-probs are float32, bit for bit.
 """
 
@@ -34,11 +41,13 @@ import safetensors.torch
 import torch
 
 FORMAT_VERSION = "grpo-batch/1"
-# Cap on the JSON header we parse. A real header is a few hundred bytes (seven tensors, six
+# Cap on the JSON header we parse. A real header is a few hundred bytes (eight tensors, six
 # scalars); the cap keeps a hostile declared length from costing more than a fixed small amount.
 MAX_HEADER_BYTES = 1 << 20
 
-TENSOR_FIELDS = ("input_ids", "attention_mask", "rewards", "advantages", "old_logps", "completion_mask", "ref_logps")
+TENSOR_FIELDS = (
+    "input_ids", "attention_mask", "rewards", "scored", "advantages", "old_logps", "completion_mask", "ref_logps",
+)
 METADATA_KEYS = ("format", "prompt_length", "policy_version", "num_generations", "batch_id", "temperature")
 
 # Bytes per element of the safetensors dtypes we recognise in a header. F16/BF16/F64 are never
@@ -77,7 +86,7 @@ class Batch:
     input_ids: torch.Tensor  # (B, T) int64 after decode: prompt (left-padded) then completion (right-padded)
     prompt_length: int  # P: input_ids[:, :P] is the prompt; 0 < P < T
     attention_mask: torch.Tensor | None = None  # (B, T) 0/1; None means all ones
-    rewards: torch.Tensor | None = None  # (B,) float32
+    rewards: torch.Tensor | None = None  # (B,) float32, finite: 0 where `scored` is 0
     advantages: torch.Tensor | None = None  # (B,) float32
     old_logps: torch.Tensor | None = None  # (B, T-P) float32
     completion_mask: torch.Tensor | None = None  # (B, T-P) 0/1
@@ -86,6 +95,10 @@ class Batch:
     num_generations: int | None = None  # >= 1 and divides B: completions per prompt, consecutive
     batch_id: str | None = None  # set by the server's queue; 1..128 chars of [A-Za-z0-9_-]
     temperature: float = 1.0  # > 0 and finite; reference log-probs are of logits / temperature
+    # (B,) 0/1, int64 after decode: 1 where at least one reward function scored the completion;
+    # None means all scored. Where 0, rewards (if set) must be 0. Added last, so that a positional
+    # construction written before it still means what it did.
+    scored: torch.Tensor | None = None
 
     @property
     def batch_size(self) -> int:
@@ -121,7 +134,9 @@ def validate_batch(
 
     `vocab_size`: ids must lie in [0, vocab_size). `max_tokens`: B * T must not exceed it
     (BatchTooLarge). `require_rollout`: the batch must be a scored rollout, as a queue upload
-    is: rewards or advantages, policy_version and num_generations. Raises WireFormatError.
+    is: rewards or advantages, policy_version and num_generations. `scored`, when present, is a
+    (B,) 0/1 mask like the others, and rewards must be exactly 0 where it is 0 (a consumer that
+    ignores `scored` then sees what it saw before the field existed). Raises WireFormatError.
     """
     if not isinstance(batch, Batch):
         raise TypeError(f"validate_batch: expected a Batch, got {type(batch).__name__}")
@@ -141,15 +156,20 @@ def validate_batch(
 
     attention_mask = None
     if batch.attention_mask is not None:
-        attention_mask = _check_mask("attention_mask", batch.attention_mask, (num_rows, seq_len))
+        attention_mask = _check_mask("attention_mask", batch.attention_mask, (num_rows, seq_len), "(B, T)")
         if not attention_mask.any(dim=1).all():
             row = int((~attention_mask.any(dim=1)).nonzero()[0, 0])
             raise WireFormatError(f"attention_mask: row {row} attends to no token; every row needs at least one 1")
     completion_mask = None
     if batch.completion_mask is not None:
-        completion_mask = _check_mask("completion_mask", batch.completion_mask, completion_shape)
+        completion_mask = _check_mask("completion_mask", batch.completion_mask, completion_shape, "(B, T-P)")
     for name in ("rewards", "advantages"):
         _check_float(name, getattr(batch, name), (num_rows,))
+    scored = None
+    if batch.scored is not None:
+        scored = _check_mask("scored", batch.scored, (num_rows,), "(B,)")
+        if batch.rewards is not None:
+            _check_unscored_rewards(batch.rewards, scored)
     for name in ("old_logps", "ref_logps"):
         _check_float(name, getattr(batch, name), completion_shape)
 
@@ -182,6 +202,7 @@ def validate_batch(
         input_ids=ids,
         attention_mask=attention_mask,
         completion_mask=completion_mask,
+        scored=scored,
         temperature=temperature,
     )
 
@@ -236,12 +257,12 @@ def _check_id_range(ids: torch.Tensor, vocab_size: int | None) -> None:
         raise WireFormatError(f"input_ids: token ids must be >= 0, got min {lowest}")
 
 
-def _check_mask(name: str, mask, shape: tuple[int, int]) -> torch.Tensor:
-    """A 0/1 mask of the given shape, as int64."""
+def _check_mask(name: str, mask, shape: tuple[int, ...], what: str) -> torch.Tensor:
+    """A 0/1 mask of the given shape (`what` names it in errors, e.g. "(B, T)"), as int64."""
     mask = _check_tensor(name, mask)
     if mask.dtype not in _MASK_DTYPES:
         raise WireFormatError(f"{name}: dtype must be an integer or bool (values 0/1), got {mask.dtype}")
-    _check_shape(name, mask, shape, "(B, T)" if name == "attention_mask" else "(B, T-P)")
+    _check_shape(name, mask, shape, what)
     # The raw bytes of a bool tensor: one decoded from a body may hold any byte value.
     values = mask.view(torch.uint8) if mask.dtype == torch.bool else mask
     lowest, highest = (int(v) for v in torch.aminmax(values)) if values.numel() else (0, 0)
@@ -266,6 +287,17 @@ def _check_float(name: str, tensor, shape: tuple[int, ...]) -> None:
         hint = "; score or drop a rollout before uploading it" if name == "rewards" else ""
         raise WireFormatError(
             f"{name}: values must be finite, got {num_nan} NaN and {int((~finite).sum()) - num_nan} infinite{hint}"
+        )
+
+
+def _check_unscored_rewards(rewards: torch.Tensor, scored: torch.Tensor) -> None:
+    """Rewards (already checked: float32, (B,), finite) are 0 wherever `scored` is 0."""
+    stray = (scored.to(rewards.device) == 0) & (rewards != 0)  # (B,); -0.0 counts as 0
+    if stray.any():
+        row = int(stray.nonzero()[0, 0])
+        raise WireFormatError(
+            f"rewards: row {row} is unscored (scored[{row}] == 0) but carries reward {float(rewards[row])!r}; "
+            "an unscored completion must carry reward 0"
         )
 
 
@@ -302,7 +334,7 @@ def encode_batch(batch: Batch) -> bytes:
     ids = batch.input_ids
     ids_dtype = torch.int32 if int(ids.max()) <= torch.iinfo(torch.int32).max else torch.int64
     tensors = {"input_ids": ids.detach().to("cpu", ids_dtype)}
-    for name in ("attention_mask", "completion_mask"):
+    for name in ("attention_mask", "completion_mask", "scored"):
         if getattr(batch, name) is not None:
             tensors[name] = getattr(batch, name).detach().to("cpu", torch.uint8)
     for name in ("rewards", "advantages", "old_logps", "ref_logps"):

@@ -12,14 +12,23 @@ from collections.abc import Callable
 
 import torch
 
-# Upper bound on the log-ratio `ref - logp` inside k3. exp(20) = 4.9e8 is far from float32's
-# limit (exp overflows above 88.7), so k3 and its gradient exp(x) - 1 stay finite; a token the
-# policy finds e^20 times less likely than the reference does is not something sampling from
-# the policy produces, so no value of a working run is changed. Below, the log-ratio is only
-# bounded by -1e30, which keeps `ref - logp` finite if the subtraction of two huge finite floats
+# k3 is evaluated exactly for log-ratios x = ref - logp in [KL_LOG_RATIO_MIN, KL_LOG_RATIO_MAX].
+# Above KL_LOG_RATIO_MAX it continues as its tangent line there, k3(M) + expm1(M) * (x - M): exp(x)
+# itself overflows float32 above 88.7, and a plain clamp of x would zero the KL gradient exactly
+# where the penalty matters most (a token the policy finds e^20 times less likely than the
+# reference). The tangent keeps k3 convex, >= 0, continuous with a continuous derivative at M, and
+# its gradient a constant expm1(M) = 4.9e8 that keeps pulling logp back up. M = 20 changes no
+# value of a working run: sampling from the policy does not produce such tokens.
+# Below, x is only bounded by -1e30, which keeps it finite if `ref - logp` of two huge finite floats
 # overflows; there k3 is ~ -x - 1, linear, and cannot overflow by itself.
 KL_LOG_RATIO_MAX = 20.0
 KL_LOG_RATIO_MIN = -1e30
+# Cap on x - M in the *value* of the tangent part, so that value (4.9e8 x 1e12 = 4.9e20) and sums of
+# it over ~1e17 tokens stay finite in float32; the gradient is not capped (see `_k3_past_bound`).
+# Log-probs never get there: with ref <= 0, x - M > 1e12 needs a policy log-prob below -1e12, i.e.
+# logits spread over more than 1e12 nats, and the logits of a model that has not already diverged
+# span tens of nats.
+KL_TANGENT_EXCESS_MAX = 1e12
 
 
 def k3_kl(logps: torch.Tensor, ref_logps: torch.Tensor) -> torch.Tensor:
@@ -28,15 +37,36 @@ def k3_kl(logps: torch.Tensor, ref_logps: torch.Tensor) -> torch.Tensor:
     Schulman's k3 estimator ("Approximating KL Divergence", joschu.net/blog/kl-approx.html):
     unbiased for tokens sampled from the policy and >= 0 everywhere. Computed in float32
     (float64 stays float64) as `expm1(x) - x`, which unlike `exp(x) - x - 1` does not cancel to
-    rounding noise (and below 0) for small x. Finite and >= 0 for any finite inputs: x is
-    clamped to [KL_LOG_RATIO_MIN, KL_LOG_RATIO_MAX] (see their comment), and the tiny negative
-    rounding residue of `expm1(x) - x` near 0 is clamped to 0.
+    rounding noise (and below 0) for small x; the tiny negative rounding residue near 0 is
+    clamped to 0. For x above KL_LOG_RATIO_MAX = M the value is k3's tangent at M and the
+    gradient w.r.t. logps is -expm1(M) (see the constants' comment). Value and gradient are
+    finite and the value >= 0 for any finite inputs.
     """
     if logps.shape != ref_logps.shape:
         raise ValueError(f"k3_kl: logps {tuple(logps.shape)} and ref_logps {tuple(ref_logps.shape)} differ in shape")
     acc = torch.promote_types(torch.promote_types(logps.dtype, ref_logps.dtype), torch.float32)
-    log_ratio = (ref_logps.to(acc) - logps.to(acc)).clamp(KL_LOG_RATIO_MIN, KL_LOG_RATIO_MAX)
-    return (torch.expm1(log_ratio) - log_ratio).clamp_min(0.0)
+    log_ratio = ref_logps.to(acc) - logps.to(acc)  # may overflow to +-inf: see the two branches
+    inside = log_ratio.clamp(KL_LOG_RATIO_MIN, KL_LOG_RATIO_MAX)
+    k3_inside = (torch.expm1(inside) - inside).clamp_min(0.0)
+    # `where` sends each branch a zero gradient where it is not selected, and both branches have
+    # finite local derivatives everywhere, so inside the bound value and gradient are exactly those
+    # of k3_inside alone.
+    return torch.where(log_ratio > KL_LOG_RATIO_MAX, _k3_past_bound(log_ratio), k3_inside)
+
+
+def _k3_past_bound(log_ratio: torch.Tensor) -> torch.Tensor:
+    """k3's tangent line at M = KL_LOG_RATIO_MAX, evaluated at `log_ratio` (meaningful for x > M)."""
+    bound = torch.tensor(KL_LOG_RATIO_MAX, dtype=log_ratio.dtype, device=log_ratio.device)
+    slope = torch.expm1(bound)  # k3'(M) = exp(M) - 1
+    k3_at_bound = slope - bound  # the inside branch's own expression at M: the pieces meet exactly
+    # The value reads x detached with its excess capped, so that it stays finite for any x (an
+    # overflowed +inf lands on the cap too). The gradient comes from `x - x.detach()`, which is 0 in
+    # value for finite x but has derivative 1, so the slope reaches logps at every finite x, past the
+    # cap as well. Only an x that overflowed to +inf gets no gradient, and that needs ref_logps > 0:
+    # for log-probs, ref <= 0 gives x <= -logps, which is finite.
+    excess = (log_ratio.detach() - bound).clamp(0.0, KL_TANGENT_EXCESS_MAX)
+    gradient_carrier = torch.where(torch.isfinite(log_ratio), log_ratio - log_ratio.detach(), 0.0)
+    return k3_at_bound + slope * (excess + gradient_carrier)
 
 
 # ---- loss normalizations: per-token loss (B, T) and mask (B, T) -> scalar ----------------------
@@ -132,10 +162,12 @@ def policy_loss(
     then normalized by `loss_type`. Masked positions are zeroed before any arithmetic, so garbage
     there (padding, -inf, NaN) cannot reach the loss, the metrics or the gradient.
 
-    Returns `(loss, metrics)`; metrics are detached scalars, each a mean over unmasked tokens:
-    `kl` (when ref_logps is given), `clip_ratio/low_mean` (ratio below 1 - eps_low with A < 0),
+    Returns `(loss, metrics)`; metrics are detached scalars: `kl` (when ref_logps is given, a mean
+    over unmasked tokens), `clip_ratio/low_mean` (ratio below 1 - eps_low with A < 0),
     `clip_ratio/high_mean` (above 1 + eps_high with A > 0), `clip_ratio/region_mean` (either),
-    and `ratio/mean`. A sequence-level weight counts once per token of its sequence.
+    and `ratio/mean`. The ratio metrics average over unmasked tokens at token level, and over
+    sequences (those with at least one unmasked token) at sequence level, where each sequence has
+    one ratio: a long sequence counts once, as in TRL (see `_loss_metrics`).
     """
     epsilon_high = epsilon_low if epsilon_high is None else epsilon_high
     _check_policy_loss_args(logps, old_logps, ref_logps, advantages, mask, beta, epsilon_low, epsilon_high,
@@ -169,27 +201,44 @@ def policy_loss(
     loss = LOSS_NORMALIZERS[loss_type](
         per_token, maskf, max_completion_length=max_completion_length, num_items=num_items
     )
-    metrics = _loss_metrics(ratio.detach(), advantages, maskf, kl, epsilon_low, epsilon_high)
+    metrics = _loss_metrics(ratio.detach(), advantages, maskf, kl, epsilon_low, epsilon_high,
+                            per_sequence=importance_sampling_level == "sequence")
     return loss, metrics
 
 
-def _loss_metrics(ratio, advantages, maskf, kl, epsilon_low, epsilon_high) -> dict[str, torch.Tensor]:
-    token_count = maskf.sum().clamp(min=1.0)
+def _loss_metrics(ratio, advantages, maskf, kl, epsilon_low, epsilon_high, *, per_sequence: bool
+                  ) -> dict[str, torch.Tensor]:
+    """Clip and ratio metrics of (B, T) token ratios or (B, 1) sequence ratios; `kl` per token.
 
-    def masked_mean(x: torch.Tensor) -> torch.Tensor:
-        return (x.expand_as(maskf) * maskf).sum() / token_count
+    Sequence-level ratios are averaged over sequences, not over tokens: TRL's GRPOTrainer does the
+    same for the three clip_ratio names (huggingface/trl, trl/trainer/grpo_trainer.py at commit
+    d2b69d76, `_compute_loss`: its `masked_batch_mean` takes a plain `.mean()` of a (B, 1) tensor,
+    the sequence-level case, and the clip indicators go through it). TRL logs no `ratio/mean`;
+    ours follows the same rule. One difference: TRL's mean also counts rows without any completion
+    token (ratio 1, never clipped); here those rows are left out, as masked tokens are at token
+    level. The level is passed in rather than read off the shape, because token-level ratios of
+    one-token completions are (B, 1) too.
+    """
+    if per_sequence:
+        weights = (maskf.sum(-1, keepdim=True) > 0).to(maskf.dtype)  # (B, 1): sequences with a token
+    else:
+        weights = maskf  # (B, T)
+    count = weights.sum().clamp(min=1.0)
+
+    def weighted_mean(x: torch.Tensor) -> torch.Tensor:
+        return (x * weights).sum() / count
 
     adv = advantages.unsqueeze(1)  # (B, 1)
-    low = (ratio < 1.0 - epsilon_low) & (adv < 0)
+    low = (ratio < 1.0 - epsilon_low) & (adv < 0)  # same shape as ratio
     high = (ratio > 1.0 + epsilon_high) & (adv > 0)
     metrics = {
-        "clip_ratio/low_mean": masked_mean(low.to(maskf.dtype)),
-        "clip_ratio/high_mean": masked_mean(high.to(maskf.dtype)),
-        "clip_ratio/region_mean": masked_mean((low | high).to(maskf.dtype)),
-        "ratio/mean": masked_mean(ratio),
+        "clip_ratio/low_mean": weighted_mean(low.to(maskf.dtype)),
+        "clip_ratio/high_mean": weighted_mean(high.to(maskf.dtype)),
+        "clip_ratio/region_mean": weighted_mean((low | high).to(maskf.dtype)),
+        "ratio/mean": weighted_mean(ratio),
     }
     if kl is not None:
-        metrics["kl"] = masked_mean(kl.detach())
+        metrics["kl"] = (kl.detach() * maskf).sum() / maskf.sum().clamp(min=1.0)
     return metrics
 
 

@@ -153,6 +153,9 @@ def malformed_bodies(valid: bytes, marker, vocab_size: int, seed: int = 0):
             ({**base, "old_logps": -torch.rand(batch, completion + 1, generator=g)}, meta),
             ({**base, "old_logps": torch.full((batch, completion), float("inf"))}, meta),
             ({**base, "completion_mask": torch.ones(batch + 1, completion, dtype=torch.int64)}, meta),
+            ({**base, "scored": torch.full((batch,), 2, dtype=torch.uint8)}, meta),
+            ({**base, "scored": torch.ones(batch + 1, dtype=torch.uint8)}, meta),
+            ({**base, "scored": torch.zeros(batch, dtype=torch.uint8)}, meta),  # unscored rows with rewards != 0
             ({**base, "ref_logps": -torch.rand(batch - 1, completion, generator=g)}, meta),
             ({**base, "mystery": torch.zeros(2)}, meta),
         ]

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from stable_ops import k3_kl, policy_loss
+from stable_ops.loss import KL_LOG_RATIO_MAX, KL_LOG_RATIO_MIN
 
 # ---- k3 ------------------------------------------------------------------------------------
 
@@ -47,6 +48,112 @@ def test_k3_small_log_ratios_do_not_go_negative():
     assert (out >= 0).all()
     naive = torch.exp(x) - x - 1
     assert (naive < 0).any()  # the trap k3_kl avoids
+
+
+M = KL_LOG_RATIO_MAX
+SLOPE64 = math.expm1(M)  # k3'(M)
+
+
+def k3_clamped_formula(logps, ref):
+    """k3 as it was before the tangent past M: the log-ratio clamped to [MIN, M]. Inside the bound
+    the new k3 must match it bit for bit, value and gradient."""
+    acc = torch.promote_types(torch.promote_types(logps.dtype, ref.dtype), torch.float32)
+    x = (ref.to(acc) - logps.to(acc)).clamp(KL_LOG_RATIO_MIN, KL_LOG_RATIO_MAX)
+    return (torch.expm1(x) - x).clamp_min(0.0)
+
+
+def value_and_grads(fn, logps, ref):
+    logps, ref = logps.clone().requires_grad_(), ref.clone().requires_grad_()
+    out = fn(logps, ref)
+    out.sum().backward()
+    return out.detach(), logps.grad, ref.grad
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_k3_inside_the_bound_is_bit_identical_to_the_clamped_formula(dtype):
+    gen = torch.Generator().manual_seed(1)
+    logps = -torch.rand(4096, generator=gen, dtype=torch.float64) * 30
+    ref = -torch.rand(4096, generator=gen, dtype=torch.float64) * 30
+    keep = (ref - logps) <= M
+    logps, ref = logps[keep], ref[keep]
+    # Exactly at the bound, tiny log-ratios, and the far safe side.
+    logps = torch.cat([logps, torch.tensor([-20.0, -2.0, 0.0, -3.0])]).to(dtype)
+    ref = torch.cat([ref, torch.tensor([0.0, -2.0 + 1e-9, -1e4, -3.0 - 1e-6])]).to(dtype)
+    assert ((ref.double() - logps.double()) <= M).all()
+    new = value_and_grads(k3_kl, logps, ref)
+    old = value_and_grads(k3_clamped_formula, logps, ref)
+    for got, want in zip(new, old, strict=True):
+        assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_k3_past_the_bound_is_the_tangent_with_a_restoring_gradient(dtype):
+    excess = torch.tensor([1e-3, 0.5, 5.0, 80.0, 1e4, 1e8], dtype=torch.float64)
+    logps = -(M + excess)  # ref = 0: the policy finds these tokens e^(M + excess) times less likely
+    ref = torch.zeros_like(logps)
+    value, logps_grad, ref_grad = value_and_grads(k3_kl, logps.to(dtype), ref.to(dtype))
+    expected = (math.expm1(M) - M) + SLOPE64 * excess  # float64 tangent at M
+    torch.testing.assert_close(value.double(), expected, rtol=1e-6, atol=0.0)
+    # d k3 / d logp = -expm1(M) everywhere past the bound: the penalty pushes logp back up.
+    torch.testing.assert_close(logps_grad.double(), torch.full_like(excess, -SLOPE64), rtol=1e-6, atol=0.0)
+    torch.testing.assert_close(ref_grad.double(), torch.full_like(excess, SLOPE64), rtol=1e-6, atol=0.0)
+
+
+def test_k3_value_and_derivative_are_continuous_at_the_bound():
+    h = 1e-7
+    x = torch.tensor([M - h, M, M + h], dtype=torch.float64)
+    value, logps_grad, _ = value_and_grads(k3_kl, -x, torch.zeros_like(x))
+    exact = torch.exp(x) - x - 1  # naive float64 k3, fine at x ~ 20
+    # Left of, at and right of M the value agrees with k3 to second order in h ...
+    torch.testing.assert_close(value, exact, rtol=1e-12, atol=0.0)
+    # ... and the derivative d k3 / dx = -d k3 / d logp jumps by no more than k3'' * h.
+    derivative = -logps_grad
+    assert abs(derivative[0] - derivative[2]) <= math.exp(M) * 2 * h
+    assert derivative[1].item() == pytest.approx(SLOPE64, rel=1e-12)
+    # float32 as well: the two pieces meet exactly at M.
+    below, at, above = k3_kl(-torch.tensor([M - 1e-3, M, M + 1e-3]), torch.zeros(3)).double().tolist()
+    assert below < at < above
+    assert above - at == pytest.approx(at - below, rel=1e-3)
+
+
+EXTREMES = [3e38, -3e38, 1e30, -1e30, 1e4, -1e4, -20.5, 0.0, -1.0]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_k3_finite_for_extreme_inputs(dtype):
+    pairs = torch.cartesian_prod(torch.tensor(EXTREMES, dtype=torch.float64),
+                                 torch.tensor(EXTREMES, dtype=torch.float64)).to(dtype)
+    logps, ref = pairs[:, 0], pairs[:, 1]
+    value, logps_grad, ref_grad = value_and_grads(k3_kl, logps, ref)
+    assert torch.isfinite(value).all() and (value >= 0).all()
+    assert torch.isfinite(logps_grad).all() and torch.isfinite(ref_grad).all()
+    # Wherever ref - logp is past the bound and representable, the restoring gradient is there,
+    # however far past (the value is capped, the gradient is not).
+    x = ref.double() - logps.double()
+    past = (x > M) & torch.isfinite(ref - logps)
+    assert past.sum() > 20
+    torch.testing.assert_close(logps_grad[past].double(), torch.full((int(past.sum()),), -SLOPE64, dtype=torch.float64),
+                               rtol=1e-6, atol=0.0)
+
+
+@pytest.mark.parametrize("level", ["token", "sequence"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_policy_loss_with_extreme_log_probs_is_finite_with_a_restoring_gradient(level, dtype):
+    logps = torch.tensor([[-3e38, -1e30, -1e4, -1.0], [-0.5, -3e38, -25.0, -2.0]], dtype=dtype, requires_grad=True)
+    ref = torch.tensor([[-1.0, -2.0, -3e38, -1e30], [-3e38, -1e-3, -0.1, -2.0]], dtype=dtype)
+    mask = torch.ones(2, 4)
+    loss, metrics = policy_loss(logps, None, ref, torch.zeros(2), mask, beta=0.04, loss_type="bnpo",
+                                importance_sampling_level=level)
+    loss.backward()
+    assert torch.isfinite(loss) and loss > 0
+    assert all(torch.isfinite(v) for v in metrics.values())
+    assert torch.isfinite(logps.grad).all()
+    # Advantages are 0, so the gradient is the KL term's: every token the policy finds far less
+    # likely than the reference is pushed up with the same force, beta * expm1(M) / 8 tokens.
+    far_below = (ref.double() - logps.detach().double()) > M
+    assert far_below.sum() == 4
+    torch.testing.assert_close(logps.grad[far_below].double(),
+                               torch.full((4,), -0.04 * SLOPE64 / 8, dtype=torch.float64), rtol=1e-6, atol=0.0)
 
 
 # ---- policy_loss: one hand-computed batch ----------------------------------------------------
@@ -137,6 +244,42 @@ def test_sequence_level_importance_sampling_gspo():
     row0 = -math.exp(-0.1)  # A = +1, ratio 0.905 inside the clip range
     row1 = 2.0  # A = -2, ratio 1
     assert loss.item() == pytest.approx((row0 + row1) / 2, rel=1e-6)
+
+
+def test_sequence_level_metrics_count_each_sequence_once():
+    # Rows of 1, 8 and 4 tokens, and one row with none. Row 0 is clipped high, row 1 clipped low,
+    # row 2 inside the range: per sequence that is 1/3 each; per token it would be 1/13 and 8/13.
+    lengths = [1, 8, 4, 0]
+    mask = torch.zeros(4, 8)
+    for row, length in enumerate(lengths):
+        mask[row, :length] = 1
+    row_log_ratio = [0.5, -0.5, 0.05, 0.0]  # every token of a row gets its row's log-ratio
+    old = -torch.rand(4, 8, generator=torch.Generator().manual_seed(3), dtype=torch.float64) * 3
+    logps = old + torch.tensor(row_log_ratio, dtype=torch.float64)[:, None]
+    adv = torch.tensor([1.0, -1.0, 1.0, 1.0], dtype=torch.float64)
+    _, metrics = policy_loss(logps, old, None, adv, mask, beta=0.0, importance_sampling_level="sequence")
+
+    # float64 naive: one ratio per non-empty sequence, a plain mean over those sequences.
+    ratios, low, high = [], [], []
+    for row, length in enumerate(lengths):
+        if length == 0:
+            continue
+        r = math.exp(sum((logps[row, :length] - old[row, :length]).tolist()) / length)
+        ratios.append(r)
+        low.append(r < 0.8 and adv[row] < 0)
+        high.append(r > 1.2 and adv[row] > 0)
+    assert low == [False, True, False] and high == [True, False, False]
+    assert metrics["clip_ratio/low_mean"].item() == pytest.approx(1 / 3)
+    assert metrics["clip_ratio/high_mean"].item() == pytest.approx(1 / 3)
+    assert metrics["clip_ratio/region_mean"].item() == pytest.approx(2 / 3)
+    assert metrics["ratio/mean"].item() == pytest.approx(sum(ratios) / 3, rel=1e-12)
+    token_weighted = sum(r * n for r, n in zip(ratios, lengths, strict=False)) / 13
+    assert abs(sum(ratios) / 3 - token_weighted) > 0.05  # the batch does tell the two apart
+
+    # At token level the same batch is averaged over its 13 tokens.
+    _, token_metrics = policy_loss(logps, old, None, adv, mask, beta=0.0, importance_sampling_level="token")
+    assert token_metrics["clip_ratio/low_mean"].item() == pytest.approx(8 / 13)
+    assert token_metrics["clip_ratio/high_mean"].item() == pytest.approx(1 / 13)
 
 
 def test_no_reference_needed_when_beta_is_zero():

@@ -6,6 +6,7 @@ import math
 import sys
 import threading
 import time
+import traceback
 
 import pytest
 import torch
@@ -393,10 +394,101 @@ def test_score_raising_function_names_itself_and_the_prompt():
         score_completions([("fine", constant(1.0, 1.0)), ("broken", broken)], None, [long_prompt, "other"],
                           ["c0", "c1"], {})
     message = str(error.value)
-    assert message.startswith("reward function 'broken' raised ValueError: model output had no digits on prompt: ")
+    assert message.startswith(
+        "reward function 'broken' raised ValueError: model output had no digits on completion 0 of 2, prompt: "
+    )
     assert repr(long_prompt[:200]) in message and "R" * 51 not in message
     assert error.value.__cause__ is original
     assert error.value.func_name == "broken" and error.value.prompt == long_prompt
+    # Raising the same object again while looking for the failing row leaves its traceback as it was.
+    assert [frame.name for frame in traceback.extract_tb(original.__traceback__)] == ["score_completions", "broken"]
+
+
+def test_score_raising_function_reports_the_completion_it_fails_on_and_its_traceback():
+    batch_errors, calls = [], []
+
+    def picky(prompts, completions, level, **columns):
+        calls.append((list(prompts), list(completions), list(level)))
+        return [_score_one(completion) for completion in completions]
+
+    def _score_one(completion):
+        if completion == "c2":
+            error = ValueError("bad row")
+            batch_errors.append(error)
+            raise error
+        return 1.0
+
+    prompts = ["p0", "p1", "p2", "p3", "p4"]
+    completions = ["c0", "c1", "c2", "c3", "c4"]
+    with pytest.raises(RewardFunctionError) as error:
+        score_completions([("picky", picky)], None, prompts, completions, {"level": [0, 1, 2, 3, 4]})
+    message = str(error.value)
+    assert message.startswith("reward function 'picky' raised ValueError: bad row on completion 2 of 5, prompt: 'p2'")
+    assert error.value.prompt == "p2" and error.value.func_name == "picky"
+    assert error.value.__cause__ is batch_errors[0]  # the batch call's exception, not a retry's
+    # The user's own frames, innermost last, with their source lines.
+    lines = message.splitlines()
+    assert lines[1] == "traceback inside the reward function (most recent call last):"
+    assert any("in picky" in line for line in lines) and any("in _score_one" in line for line in lines)
+    assert lines[-1].strip() == 'raise error' and "in _score_one" in lines[-2]
+    # The batch call, then one call per row, each with lists of one, until row 2 raised.
+    assert calls == [(prompts, completions, [0, 1, 2, 3, 4]), (["p0"], ["c0"], [0]), (["p1"], ["c1"], [1]),
+                     (["p2"], ["c2"], [2])]
+
+
+def test_score_failure_only_on_the_whole_batch_says_so():
+    def batch_only(prompts, completions, **columns):
+        if len(completions) > 1:
+            raise RuntimeError("out of memory on a batch")
+        return [1.0]
+
+    with pytest.raises(RewardFunctionError) as error:
+        score_completions([("batch_only", batch_only)], None, PROMPTS, COMPLETIONS, {})
+    message = str(error.value)
+    assert "raised RuntimeError: out of memory on a batch on the batch of 3 completions, though on none of them " \
+           "alone; first prompt: 'p0'" in message
+    assert 'raise RuntimeError("out of memory on a batch")' in message
+    assert error.value.prompt == "p0"
+
+
+def test_score_a_row_failing_differently_alone_is_not_blamed():
+    def spread(prompts, completions, **columns):
+        if len(completions) == 1:
+            raise ZeroDivisionError("std of one value")  # fails alone, but not the way the batch did
+        raise KeyError("missing field")
+
+    with pytest.raises(RewardFunctionError, match="though on none of them alone") as error:
+        score_completions([("spread", spread)], None, PROMPTS, COMPLETIONS, {})
+    assert isinstance(error.value.__cause__, KeyError)
+
+
+def test_score_traceback_keeps_the_innermost_frames_of_a_deep_stack():
+    def recurse(depth):
+        if depth == 0:
+            raise ValueError("deep")
+        return recurse(depth - 1)
+
+    def deep(prompts, completions, **columns):
+        return recurse(30)
+
+    with pytest.raises(RewardFunctionError) as error:
+        score_completions([("deep", deep)], None, PROMPTS, COMPLETIONS, {})
+    message = str(error.value)
+    assert "outer frames left out" in message and "in deep" not in message
+    # Ten frames: the raising one, and nine identical ones that traceback folds into three plus a count.
+    assert message.count("in recurse") == 4 and "[Previous line repeated 6 more times]" in message
+    assert message.rstrip().endswith('raise ValueError("deep")')
+
+
+def test_score_a_function_with_the_wrong_signature_says_the_call_failed():
+    def no_kwargs(prompts, completions):
+        return [1.0] * len(completions)
+
+    with pytest.raises(RewardFunctionError) as error:
+        score_completions([("no_kwargs", no_kwargs)], None, PROMPTS, COMPLETIONS, {"answer": ["1", "2", "3"]})
+    message = str(error.value)
+    assert "raised TypeError" in message and "unexpected keyword argument 'answer'" in message
+    assert "the call itself failed" in message and "completion 0 of 3" in message
 
 
 def test_score_missing_answer_column_surfaces_through_the_error():
@@ -406,24 +498,25 @@ def test_score_missing_answer_column_surfaces_through_the_error():
 
 
 @pytest.mark.parametrize(
-    ("output", "problem"),
+    ("output", "problem", "prompt"),
     [
-        ([1.0, 1.0], "returned 2 values for 3 completions"),
-        ([1.0, "1.0", 0.0], "returned '1.0' (str) at index 1; expected a real number or None"),
-        ([1.0, 0.0, math.inf], "returned inf at index 2; rewards must be finite"),
-        ([1.0, 0.0, -math.inf], "returned -inf at index 2"),
-        ([1.0, 0.0, [1.0]], "returned [1.0] (list) at index 2"),
-        (None, "returned a NoneType; expected a list of 3 floats or None"),
-        ("1.0", "returned a str"),
-        (1.0, "returned a float"),
-        ({"a": 1.0}, "returned a dict"),
-        (torch.ones(3, 1), "returned a Tensor"),
+        ([1.0, 1.0], "returned 2 values for 3 completions", "p0"),
+        ([1.0, "1.0", 0.0], "returned '1.0' (str) at index 1; expected a real number or None; prompt: 'p1'", "p1"),
+        ([1.0, 0.0, math.inf], "returned inf at index 2; rewards must be finite", "p2"),
+        ([1.0, 0.0, -math.inf], "returned -inf at index 2", "p2"),
+        ([1.0, 0.0, [1.0]], "returned [1.0] (list) at index 2", "p2"),
+        (None, "returned a NoneType; expected a list of 3 floats or None", "p0"),
+        ("1.0", "returned a str", "p0"),
+        (1.0, "returned a float", "p0"),
+        ({"a": 1.0}, "returned a dict", "p0"),
+        (torch.ones(3, 1), "returned a Tensor", "p0"),
     ],
 )
-def test_score_rejects_bad_return_values(output, problem):
+def test_score_rejects_bad_return_values(output, problem, prompt):
+    # A bad value names its own completion's prompt; a bad output as a whole, the first prompt.
     with pytest.raises(RewardFunctionError) as error:
         score_completions([("weird", lambda **kw: output)], None, PROMPTS, COMPLETIONS, {})
-    assert error.value.func_name == "weird" and error.value.prompt == "p0"
+    assert error.value.func_name == "weird" and error.value.prompt == prompt
     assert str(error.value).startswith("reward function 'weird' ") and problem in str(error.value)
 
 

@@ -49,6 +49,7 @@ def full_batch(seed: int = 0) -> Batch:
         num_generations=2,
         batch_id="queue-00042_a",
         temperature=0.7,
+        scored=torch.tensor([1, 0, 1, 1]),  # row 1 no reward function could score: its reward is (-)0
     )
 
 
@@ -89,14 +90,36 @@ def test_round_trip_without_optional_fields():
     decoded = decode_batch(encode_batch(batch))
     assert_same_batch(decoded, batch)
     assert decoded.attention_mask is None and decoded.rewards is None and decoded.batch_id is None
+    assert decoded.scored is None
     assert decoded.temperature == 1.0
+
+
+def test_scored_round_trips_as_uint8_and_decodes_to_int64():
+    batch = dataclasses.replace(full_batch(), scored=torch.tensor([True, False, True, True]))
+    body = encode_batch(batch)
+    assert safetensors.torch.load(body)["scored"].dtype == torch.uint8
+    decoded = decode_batch(body, require_rollout=True)
+    assert decoded.scored.dtype == torch.int64 and decoded.scored.tolist() == [1, 0, 1, 1]
+    assert bits(decoded.rewards)[1].item() == bits(torch.tensor(-0.0)).item()  # the unscored row's reward, as sent
+    # Every row unscored is a valid batch too (all of a step's completions failed to parse, say).
+    nobody = dataclasses.replace(full_batch(), rewards=torch.zeros(B), scored=torch.zeros(B, dtype=torch.int64))
+    assert decode_batch(encode_batch(nobody)).scored.tolist() == [0] * B
+
+
+def test_batches_from_senders_without_scored_decode_as_all_scored():
+    # What an older sender puts on the wire: the same body with no `scored` tensor and the same format.
+    body = body_with(drop=("scored",))
+    assert "scored" not in split_body(body)[0] and valid_metadata()["format"] == "grpo-batch/1"
+    decoded = decode_batch(body, vocab_size=VOCAB, require_rollout=True)
+    assert decoded.scored is None
+    assert_same_batch(decoded, dataclasses.replace(full_batch(), scored=None))
 
 
 def test_ids_travel_as_int32_when_they_fit_and_int64_otherwise():
     body = encode_batch(full_batch())
     wire = safetensors.torch.load(body)
     assert wire["input_ids"].dtype == torch.int32
-    assert wire["attention_mask"].dtype == wire["completion_mask"].dtype == torch.uint8
+    assert wire["attention_mask"].dtype == wire["completion_mask"].dtype == wire["scored"].dtype == torch.uint8
 
     big = minimal_batch()
     big.input_ids[0, 0] = 2**31  # does not fit int32
@@ -220,6 +243,14 @@ VALIDATE_CASES = [
     ({"old_logps": torch.full((B, C), math.nan)}, r"old_logps: values must be finite, got 24 NaN"),
     ({"old_logps": torch.zeros(B, C, dtype=torch.float16)}, r"old_logps: dtype must be float32, got torch.float16"),
     ({"ref_logps": torch.full((B, C), -math.inf)}, r"ref_logps: values must be finite, got 0 NaN and 24 infinite"),
+    ({"scored": torch.ones(B + 1, dtype=torch.int64)}, r"scored: shape must be \(B,\) = \(4,\), got \(5,\)"),
+    ({"scored": torch.ones(B, 1, dtype=torch.int64)}, r"scored: shape must be \(B,\) = \(4,\), got \(4, 1\)"),
+    ({"scored": torch.tensor([1, 2, 1, 1])}, r"scored: values must be 0 or 1, got 2"),
+    ({"scored": torch.tensor([1, -1, 1, 1])}, r"scored: values must be 0 or 1, got -1"),
+    ({"scored": torch.ones(B)}, r"scored: dtype must be an integer or bool \(values 0/1\), got torch.float32"),
+    ({"scored": [1, 0, 1, 1]}, r"scored: must be a torch.Tensor, got list"),
+    ({"scored": torch.tensor([1, 1, 0, 1])}, r"rewards: row 2 is unscored \(scored\[2\] == 0\) but carries reward "
+                                             r"1.4012\d*e-45; an unscored completion must carry reward 0"),
     ({"policy_version": -1}, r"policy_version: must be >= 0, got -1"),
     ({"policy_version": "3"}, r"policy_version: must be an int, got str '3'"),
     ({"num_generations": 0}, r"num_generations: must be >= 1, got 0"),
@@ -331,6 +362,10 @@ WIRE_CASES = [
     ({"attention_mask": torch.ones(B, T + 1, dtype=torch.uint8)}, {}, (), r"attention_mask: shape must be \(B, T\)"),
     ({"attention_mask": torch.full((B, T), 7, dtype=torch.uint8)}, {}, (), r"attention_mask: values must be 0 or 1"),
     ({"completion_mask": torch.ones(B, C)}, {}, (), r"completion_mask: dtype must be an integer or bool"),
+    ({"scored": torch.full((B,), 7, dtype=torch.uint8)}, {}, (), r"scored: values must be 0 or 1, got 7"),
+    ({"scored": torch.ones(B, 1, dtype=torch.uint8)}, {}, (), r"scored: shape must be \(B,\)"),
+    ({"scored": torch.ones(B)}, {}, (), r"scored: dtype must be an integer or bool"),
+    ({"scored": torch.zeros(B, dtype=torch.uint8)}, {}, (), r"rewards: row 0 is unscored .* carries reward 1.0"),
 ]
 
 
@@ -478,9 +513,10 @@ def wrong_dtype_and_shape_bodies() -> list[tuple[str, bytes]]:
         "input_ids": [torch.int32, torch.int64],
         "attention_mask": ints,
         "completion_mask": ints,
+        "scored": ints,
         **{name: [torch.float32] for name in ("rewards", "advantages", "old_logps", "ref_logps")},
     }
-    valid_shapes = {"input_ids": (B, T), "attention_mask": (B, T), "rewards": (B,), "advantages": (B,)}
+    valid_shapes = {"input_ids": (B, T), "attention_mask": (B, T), "rewards": (B,), "advantages": (B,), "scored": (B,)}
     wrong_shapes = {
         (B, T): [(), (B,), (T, B), (B + 1, T), (B, T + 1), (1, B * T)],
         (B, C): [(), (B,), (C, B), (B - 1, C), (B, C + 1), (B, T)],
