@@ -38,20 +38,22 @@ from grpo_common.client import RefServerClient, RefServerError
 from grpo_common.config import ConfigError, config_to_yaml, parse_config
 from grpo_common.data import PromptOrder, load_prompt_dataset
 from grpo_common.metrics import MetricsLogger
-from grpo_common.modeling import DTYPES
+from grpo_common.modeling import DTYPES, completion_logps, lm_head_plan
 from grpo_common.rewards import RewardFunctionError, load_reward_funcs
 from grpo_common.rollout import (
     Rollouts,
     SamplingSettings,
+    batch_rollout_view,
     encode_prompts,
     eos_token_ids,
     make_rollouts,
+    overridden_generation_defaults,
     policy_logps,
     rollout_metrics,
 )
 from grpo_common.train_config import CONFIG_TYPES, RunConfig, check_run_layout
-from grpo_common.wire import Batch
-from stable_ops import policy_loss
+from grpo_common.wire import Batch, decode_batch, encode_batch
+from stable_ops import policy_loss, reward_moments, reward_std_from_moments
 
 # ----------------------------------------------------------------------------------- configuration
 
@@ -113,6 +115,10 @@ def deepspeed_config(config: RunConfig, world_size: int, rows_per_rank: int, dty
     if zero.get("stage") == 3:
         # save_pretrained needs the full weights on rank 0 (consolidated from the partitions).
         zero["stage3_gather_16bit_weights_on_model_save"] = True
+    if training.optim == "sgd" and "optimizer" not in ds:
+        # ZeRO vets the optimizer class against a list of Adam variants; SGD only ever sees the
+        # flat fp32 partitions ZeRO hands it, which any torch optimizer handles.
+        ds["zero_allow_untested_optimizer"] = True
     if "optimizer" in ds:  # e.g. DeepSpeedCPUAdam for optimizer offload; fill in our values for "auto"
         params = ds["optimizer"].setdefault("params", {})
         for key, value in (("lr", training.learning_rate), ("weight_decay", training.weight_decay)):
@@ -154,7 +160,8 @@ def load_tokenizer(path: str):
     return tokenizer
 
 
-def load_policy(path: str, dtype: torch.dtype, gradient_checkpointing: bool = False):
+def load_policy(path: str, dtype: torch.dtype, gradient_checkpointing: bool = False, announce: bool = False):
+    """The causal LM to train or sample from, with its LM-head plan checked (printed with `announce`)."""
     from transformers import AutoModelForCausalLM
 
     try:
@@ -164,7 +171,62 @@ def load_policy(path: str, dtype: torch.dtype, gradient_checkpointing: bool = Fa
     if gradient_checkpointing:
         model.gradient_checkpointing_enable()
         model.config.use_cache = False
+    # Checked here, on the full weights: under ZeRO-3 they are partitioned placeholders later.
+    plan = lm_head_plan(model)
+    if announce:
+        print(f"LM head: {plan.reason}", flush=True)
     return model
+
+
+class PolicyLogps(torch.nn.Module):
+    """The policy as DeepSpeed sees it: its forward is the completion log-probs (B, C) of a batch.
+
+    Every training forward must run through the engine (`engine(...)`, i.e. `engine.forward`):
+    ZeRO counts micro-batches and resets its gradient bookkeeping there. Calling `engine.module`
+    directly skips that, and under ZeRO-3 with gradient accumulation each micro-batch's gradient
+    then replaced the previous one (measured: the update was the last micro-batch's alone). Making
+    the log-prob computation itself the wrapped module's forward routes it through DeepSpeed.
+    The causal LM is `.policy` (generation, save_pretrained).
+    """
+
+    def __init__(self, policy):
+        super().__init__()
+        self.policy = policy
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_length: int,
+                temperature: float) -> torch.Tensor:
+        return completion_logps(self.policy, input_ids, attention_mask, prompt_length, temperature)
+
+
+def make_optimizer(training, parameters):
+    if training.optim == "sgd":
+        return torch.optim.SGD(parameters, lr=training.learning_rate, weight_decay=training.weight_decay)
+    return torch.optim.AdamW(parameters, lr=training.learning_rate, weight_decay=training.weight_decay)
+
+
+def build_engine(config: RunConfig, model, world_size: int, dtype: torch.dtype):
+    """The DeepSpeed engine around `PolicyLogps(model)`, with our optimizer and LR schedule."""
+    import deepspeed
+
+    training, rollout = config.training, config.rollout
+    rows_per_rank = rollout.prompts_per_step // world_size * rollout.num_generations
+    ds_config = deepspeed_config(config, world_size, rows_per_rank, dtype)
+    total_updates = training.max_steps * config.loss.num_iterations
+    wrapped = PolicyLogps(model)
+    optimizer = None
+    if "optimizer" not in ds_config:
+        optimizer = make_optimizer(training, wrapped.parameters())
+    elif training.optim != "adamw_torch":
+        raise ConfigError(f"optim={training.optim!r} conflicts with the optimizer section of {training.deepspeed}; "
+                          "remove one of them")
+
+    def make_scheduler(opt):
+        return torch.optim.lr_scheduler.LambdaLR(
+            opt, lr_lambda(training.lr_scheduler_type, training.warmup_steps, total_updates))
+
+    engine, *_ = deepspeed.initialize(model=wrapped, optimizer=optimizer, lr_scheduler=make_scheduler,
+                                      model_parameters=None if optimizer else wrapped.parameters(), config=ds_config)
+    return engine
 
 
 # ----------------------------------------------------------------------------------- one step
@@ -190,16 +252,23 @@ class StopRequested:
               "(send it again to stop at once)", file=sys.stderr, flush=True)
 
 
-def zero_loss(module, batch: Batch) -> torch.Tensor:
+def zero_loss(engine, batch: Batch) -> torch.Tensor:
     """A loss of exactly 0 whose backward visits every parameter (2 tokens through the model).
 
     Stands in for a micro-batch whose loss was not finite: DeepSpeed's gradient-accumulation
-    bookkeeping needs a backward and a step per micro-batch on every rank, and this one adds a zero
-    gradient instead of NaN.
+    bookkeeping needs a forward, a backward and a step per micro-batch on every rank, and this one
+    adds a zero gradient instead of NaN.
     """
-    device = next(module.parameters()).device
-    ids = batch.input_ids[:1, :2].to(device)
-    return module(input_ids=ids, use_cache=False).logits.float().sum() * 0.0
+    ids = batch.input_ids[:1, :2].to(engine.device)
+    return engine(ids, torch.ones_like(ids), 1, 1.0).float().sum() * 0.0
+
+
+def engine_logps(engine, batch: Batch, rows: slice, grad: bool) -> torch.Tensor:
+    """(b, C) float32 completion log-probs of `batch`'s `rows` through the engine's forward."""
+    device = engine.device
+    with torch.set_grad_enabled(grad):
+        return engine(batch.input_ids[rows].to(device), batch.attention_mask[rows].to(device), batch.prompt_length,
+                      batch.temperature).float()
 
 
 def train_on_batch(engine, batch: Batch, config: RunConfig, world_size: int) -> dict[str, float]:
@@ -209,16 +278,16 @@ def train_on_batch(engine, batch: Batch, config: RunConfig, world_size: int) -> 
     micro-batch loss by that number and steps the optimizer at the last one.
     """
     loss_cfg, training = config.loss, config.training
-    module = engine.module
     GA = training.gradient_accumulation_steps
     rows = batch.batch_size // GA
+    parts = [slice(m * rows, (m + 1) * rows) for m in range(GA)]
     mask = batch.completion_mask
     old_logps = batch.old_logps
     if old_logps is None and loss_cfg.num_iterations > 1:
-        # The sampling policy's log-probs, frozen for all passes (TRL's mu > 1): one forward, no graph.
-        module.eval()
-        old_logps = policy_logps(module, batch, micro_rows=rows).cpu()
-        module.train()
+        # The sampling policy's log-probs, frozen for all passes (TRL's mu > 1): forwards, no graph.
+        engine.eval()
+        old_logps = torch.cat([engine_logps(engine, batch, part, grad=False).cpu() for part in parts])
+        engine.train()
     # DAPO normalizes by the tokens of the whole step on all ranks; DeepSpeed averages ranks and
     # micro-batches, so each micro-batch divides by (global tokens / (ranks x GA)).
     global_tokens = dist_utils.all_reduce_sum([float(mask.sum())])[0]
@@ -228,15 +297,13 @@ def train_on_batch(engine, batch: Batch, config: RunConfig, world_size: int) -> 
     count = 0
     nonfinite = 0
     grad_norms = []
+    learning_rate = math.nan
     for _ in range(loss_cfg.num_iterations):
         poisoned = False
-        for m in range(GA):
-            part = slice(m * rows, (m + 1) * rows)
+        for m, part in enumerate(parts):
             loss = None
             if not poisoned:
-                micro = dataclasses.replace(batch, input_ids=batch.input_ids[part],
-                                            attention_mask=batch.attention_mask[part])
-                logps = policy_logps(module, micro, grad=True)  # (b, C) float32, carries the gradient
+                logps = engine_logps(engine, batch, part, grad=True)  # (b, C) float32, carries the gradient
                 device = logps.device
                 loss, metrics = policy_loss(
                     logps,
@@ -263,17 +330,19 @@ def train_on_batch(engine, batch: Batch, config: RunConfig, world_size: int) -> 
                         sums[key] = sums.get(key, 0.0) + float(value.detach())
                     count += 1
             if poisoned:
-                loss = zero_loss(module, batch)
+                loss = zero_loss(engine, batch)
             engine.backward(loss)
+            if m == GA - 1:
+                learning_rate = float(engine.optimizer.param_groups[0]["lr"])  # this update's scheduled rate
             if m == GA - 1 and poisoned:
                 # Skip the update: no parameter moves with a learning rate of 0 (the finite micro-batches'
-                # gradients still reach Adam's moments, which keeps them finite too).
-                saved = [group["lr"] for group in engine.optimizer.param_groups]
+                # gradients still reach Adam's moments, which keeps them finite too). The scheduler steps
+                # inside engine.step() and writes the next update's rate into the groups itself, so
+                # nothing is restored afterwards: the skipped update uses up its own slot of the
+                # schedule, and the next one gets its own rate.
                 for group in engine.optimizer.param_groups:
                     group["lr"] = 0.0
                 engine.step()
-                for group, lr in zip(engine.optimizer.param_groups, saved, strict=True):
-                    group["lr"] = lr
                 nonfinite += 1
             else:
                 engine.step()
@@ -283,6 +352,7 @@ def train_on_batch(engine, batch: Batch, config: RunConfig, world_size: int) -> 
     result = {key: value / max(count, 1) for key, value in sums.items()}
     result["grad_norm"] = sum(grad_norms) / len(grad_norms) if grad_norms else math.nan
     result["nonfinite_updates"] = float(nonfinite)
+    result["learning_rate"] = learning_rate
     return result
 
 
@@ -307,6 +377,11 @@ class LocalRollouts:
                                          rollout.temperature, rollout.top_p)
         self.eos_ids = eos_token_ids(tokenizer, model)
         self.pad_id = tokenizer.pad_token_id
+        ignored = overridden_generation_defaults(model, self.settings)
+        if ignored and rank == 0:
+            shown = ", ".join(f"{key}={value!r}" for key, value in ignored.items())
+            print(f"sampling from softmax(logits / {rollout.temperature:g}) with top_p={rollout.top_p:g}, as the loss "
+                  f"assumes; not applied from the model's generation_config.json: {shown}", flush=True)
 
     def _fitting_rows(self, dataset) -> tuple[list[dict], int]:
         """Rows whose chat-formatted prompt fits max_prompt_length (filtered once, identically on every rank)."""
@@ -324,23 +399,49 @@ class LocalRollouts:
         rollout = self.config.rollout
         return make_rollouts(
             model, self.tokenizer, mine, prompt_column=self.config.data.prompt_column,
+            answer_column=self.config.data.answer_column,
             system_prompt=self.config.data.system_prompt, settings=self.settings, reward_funcs=self.reward_funcs,
             reward_weights=rollout.reward_weights, scale_rewards=rollout.scale_rewards,
             mask_truncated=rollout.mask_truncated_completions, policy_version=policy_version, eos_ids=self.eos_ids,
-            pad_id=self.pad_id,
+            pad_id=self.pad_id, step_reward_std=step_reward_std if self.world_size > 1 else None,
         )
 
 
-class ServerRollouts:
-    """Scored batches that generation workers uploaded, leased from the server's queue (GET /get)."""
+def step_reward_std(rewards: torch.Tensor) -> float:
+    """Std of the scored rewards of the whole step, over every rank's share (one all-reduce)."""
+    return reward_std_from_moments(*dist_utils.all_reduce_sum(reward_moments(rewards)))
 
-    def __init__(self, config: RunConfig, client: RefServerClient):
-        self.config, self.client = config, client
+
+class ServerRollouts:
+    """Scored batches that generation workers uploaded, leased from the server's queue (GET /get).
+
+    The contract: one uploaded batch is one training step, `prompts_per_step` prompts x
+    `num_generations` completions (a worker, a world of one, builds exactly that). Rank 0 leases it
+    and sends it to every rank, and each rank trains on its own `prompts_per_step / ranks` groups,
+    so a worker-fed step has the shape of a local step with the same configuration: the same rows
+    per rank, micro-batches and DeepSpeed batch sizes. Rank 0 acknowledges it after the update.
+    """
+
+    def __init__(self, config: RunConfig, client: RefServerClient | None, rank: int, world_size: int):
+        self.config, self.client, self.rank, self.world_size = config, client, rank, world_size
         self.stale_dropped = 0
         self.leased: list[str] = []
 
     def next(self, policy_version: int) -> Batch:
-        server = self.config.server
+        payload = None
+        if self.rank == 0:
+            try:
+                payload = encode_batch(self._lease(policy_version))
+            except BaseException:
+                dist_utils.broadcast_bytes(None)  # release the other ranks, then fail with the real error
+                raise
+        payload = dist_utils.broadcast_bytes(payload)
+        if payload is None:
+            raise RuntimeError("rank 0 could not get a rollout batch from the server queue; its error is above")
+        return rank_share(decode_batch(payload), self.rank, self.world_size)
+
+    def _lease(self, policy_version: int) -> Batch:
+        server, rollout = self.config.server, self.config.rollout
         deadline = time.monotonic() + server.rollout_wait
         delay = 0.05
         while True:
@@ -362,11 +463,15 @@ class ServerRollouts:
             if batch.advantages is None or batch.completion_mask is None or batch.old_logps is None:
                 raise ValueError(f"batch {batch.batch_id} from the queue lacks advantages, completion_mask or "
                                  "old_logps; generation workers must upload complete rollouts")
-            GA = self.config.training.gradient_accumulation_steps
-            if batch.batch_size % GA:
-                raise ValueError(f"batch {batch.batch_id} has {batch.batch_size} rows, which "
-                                 f"gradient_accumulation_steps={GA} does not divide; give workers and trainer the same "
-                                 "prompts_per_step and num_generations")
+            expected = rollout.prompts_per_step * rollout.num_generations
+            if batch.batch_size != expected or batch.num_generations != rollout.num_generations:
+                raise ConfigError(
+                    f"batch {batch.batch_id} from the queue has {batch.batch_size} rows in groups of "
+                    f"{batch.num_generations}; this trainer's step is prompts_per_step x num_generations = "
+                    f"{rollout.prompts_per_step} x {rollout.num_generations} = {expected} rows. One uploaded batch is "
+                    "one training step: give the generation workers the trainer's prompts_per_step and "
+                    "num_generations"
+                )
             if batch.attention_mask is None:
                 batch.attention_mask = torch.ones_like(batch.input_ids)
             self.leased.append(batch.batch_id)
@@ -378,12 +483,14 @@ class ServerRollouts:
         self.leased.clear()
 
 
-def batch_rollout_view(batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Rewards, completion lengths and truncation flags of a batch that arrived over the wire."""
-    attend = batch.attention_mask[:, batch.prompt_length :]  # (B, C)
-    lengths = attend.sum(1)
-    truncated = lengths == batch.completion_length
-    return batch.rewards.float(), lengths, truncated
+def rank_share(batch: Batch, rank: int, world_size: int) -> Batch:
+    """Rank `rank`'s consecutive 1/world_size of the rows of a whole-step batch (whole groups each,
+    since prompts_per_step is a multiple of the ranks), every per-row field sliced alike."""
+    rows = batch.batch_size // world_size
+    part = slice(rank * rows, (rank + 1) * rows)
+    per_row = {f.name: getattr(batch, f.name)[part] for f in dataclasses.fields(batch)
+               if isinstance(getattr(batch, f.name), torch.Tensor)}
+    return dataclasses.replace(batch, **per_row)
 
 
 # ----------------------------------------------------------------------------------- checkpoints
@@ -421,12 +528,19 @@ def save_checkpoint(engine, tokenizer, config: RunConfig, step: int, state: dict
 
 def save_hf_model(engine, directory: Path, rank: int) -> None:
     """`save_pretrained` of the policy. Under ZeRO-3 every rank takes part in gathering the weights."""
-    if engine.zero_optimization_stage() == 3:
-        state_dict = engine._zero3_consolidated_16bit_state_dict()
-        if rank == 0:
-            engine.module.save_pretrained(directory, state_dict=state_dict)
-    elif rank == 0:
-        engine.module.save_pretrained(directory)
+    state_dict = policy_state_dict(engine)  # collective under ZeRO-3: every rank takes part
+    if rank == 0:
+        engine.module.policy.save_pretrained(directory, state_dict=state_dict)
+
+
+def policy_state_dict(engine) -> dict[str, torch.Tensor] | None:
+    """The causal LM's full state dict on rank 0 (consolidated from the partitions under ZeRO-3), with
+    the names `from_pretrained` expects; None where it is the model's own (no ZeRO-3)."""
+    if engine.zero_optimization_stage() != 3:
+        return None
+    prefix = "policy."
+    state_dict = engine._zero3_consolidated_16bit_state_dict()  # names of PolicyLogps: "policy.<name>"
+    return None if state_dict is None else {key.removeprefix(prefix): value for key, value in state_dict.items()}
 
 
 def generation_context(engine):
@@ -445,7 +559,6 @@ def generation_context(engine):
 
 
 def train(config: RunConfig) -> int:
-    import deepspeed
     from tqdm import tqdm
 
     rank, world_size, _ = dist_utils.init_distributed()
@@ -462,23 +575,11 @@ def train(config: RunConfig) -> int:
 
     dtype = resolve_train_dtype(config.model.dtype)
     tokenizer = load_tokenizer(config.model.model_name_or_path)
-    model = load_policy(config.model.model_name_or_path, dtype, config.model.gradient_checkpointing)
+    model = load_policy(config.model.model_name_or_path, dtype, config.model.gradient_checkpointing,
+                        announce=rank == 0)
     source = None if server.rollout_source == "server" else LocalRollouts(config, tokenizer, model, rank, world_size)
-
-    rows_per_rank = rollout.prompts_per_step // world_size * rollout.num_generations
-    ds_config = deepspeed_config(config, world_size, rows_per_rank, dtype)
-    total_updates = training.max_steps * config.loss.num_iterations
-    optimizer = None
-    if "optimizer" not in ds_config:
-        optimizer = torch.optim.AdamW(model.parameters(), lr=training.learning_rate,
-                                      weight_decay=training.weight_decay)
-
-    def make_scheduler(opt):
-        return torch.optim.lr_scheduler.LambdaLR(
-            opt, lr_lambda(training.lr_scheduler_type, training.warmup_steps, total_updates))
-
-    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=make_scheduler,
-                                      model_parameters=None if optimizer else model.parameters(), config=ds_config)
+    eos_ids = eos_token_ids(tokenizer, model)
+    engine = build_engine(config, model, world_size, dtype)
     engine.train()
 
     client = None
@@ -488,7 +589,7 @@ def train(config: RunConfig) -> int:
         info = client.wait_ready(timeout=server.ref_server_wait)
         if rank == 0:
             print(f"reference server ready: {info}", flush=True)
-    queue = ServerRollouts(config, client) if server.rollout_source == "server" else None
+    queue = ServerRollouts(config, client, rank, world_size) if server.rollout_source == "server" else None
 
     # Resume: model, optimizer and scheduler from DeepSpeed; prompt order, counters and RNG from ours.
     start_step, counters = 0, {"nonfinite_steps": 0, "stale_batches": 0}
@@ -525,19 +626,19 @@ def train(config: RunConfig) -> int:
             engine.eval()
             if source is not None:
                 with generation_context(engine):
-                    rollouts = source.next(engine.module, policy_version=step - 1)
+                    rollouts = source.next(engine.module.policy, policy_version=step - 1)
                 batch = rollouts.batch
                 rewards, per_func, lengths, truncated = (rollouts.rewards, rollouts.per_func, rollouts.lengths,
                                                          rollouts.truncated)
             else:
                 batch = queue.next(policy_version=step - 1)
-                rewards, lengths, truncated = batch_rollout_view(batch)
+                rewards, lengths, truncated = batch_rollout_view(batch, eos_ids)
                 per_func = torch.empty(batch.batch_size, 0)
             engine.train()
             if config.loss.beta > 0 and batch.ref_logps is None:
                 batch.ref_logps = client.logps(batch)  # (B, C); retries, then ConnectionError naming the server
             losses = train_on_batch(engine, batch, config, world_size)
-            if queue is not None:
+            if queue is not None and rank == 0:
                 queue.ack_all()
             if server.rollout_source == "server" and step % server.policy_sync_steps == 0:
                 publish_policy_snapshot(engine, output_dir, step, rank)
@@ -547,7 +648,7 @@ def train(config: RunConfig) -> int:
                 counters["stale_batches"] = queue.stale_dropped
             step_time = time.perf_counter() - started
             metrics = step_metrics(rewards, per_func, func_names, lengths, truncated, batch, losses, step_time,
-                                   engine, source, counters, world_size, rollout.num_generations)
+                                   source, counters, world_size, rollout.num_generations)
             if rank == 0:
                 if step % training.logging_steps == 0 or step == training.max_steps:
                     logger.log(step, metrics)
@@ -578,16 +679,14 @@ def train(config: RunConfig) -> int:
 
 def publish_policy_snapshot(engine, output_dir: Path, version: int, rank: int) -> None:
     """Newest weights for generation workers (rollout_source: server), in Hugging Face format."""
-    if engine.zero_optimization_stage() == 3:
-        state_dict = engine._zero3_consolidated_16bit_state_dict()  # collective: every rank takes part
-        if rank == 0:
-            ckpt.publish_policy(output_dir, version, lambda d: engine.module.save_pretrained(d, state_dict=state_dict))
-    elif rank == 0:
-        ckpt.publish_policy(output_dir, version, lambda d: engine.module.save_pretrained(d))
+    state_dict = policy_state_dict(engine)  # collective under ZeRO-3: every rank takes part
+    if rank == 0:
+        policy = engine.module.policy
+        ckpt.publish_policy(output_dir, version, lambda d: policy.save_pretrained(d, state_dict=state_dict))
 
 
 def step_metrics(rewards, per_func, func_names, lengths, truncated, batch: Batch, losses: dict, step_time: float,
-                 engine, source, counters: dict, world_size: int, num_generations: int) -> dict[str, float]:
+                 source, counters: dict, world_size: int, num_generations: int) -> dict[str, float]:
     """Metrics of the whole step: rollout statistics over all ranks' rows, loss metrics averaged over ranks."""
     gathered = [dist_utils.gather_rows(t) for t in (rewards.float(), per_func.float(), lengths.float(),
                                                     truncated.float())]
@@ -597,7 +696,6 @@ def step_metrics(rewards, per_func, func_names, lengths, truncated, batch: Batch
     totals = dist_utils.all_reduce_sum([losses[k] for k in keys] + [float(batch.attention_mask.sum())])
     for key, total in zip(keys, totals[:-1], strict=True):
         metrics[key] = total / world_size
-    metrics["learning_rate"] = float(engine.get_lr()[0])
     metrics["step_time"] = step_time
     metrics["tokens_per_second"] = totals[-1] / step_time
     metrics["skipped_prompts"] = float(source.skipped_prompts if source is not None else 0)
@@ -623,7 +721,7 @@ def generate(config: RunConfig) -> int:
     newest = ckpt.latest_policy(output_dir)
     if newest is not None:
         version, path = newest[0], str(newest[1])
-    model = load_policy(path, dtype).to(device).eval()
+    model = load_policy(path, dtype, announce=True).to(device).eval()
     config_for_worker = dataclasses.replace(
         config, training=dataclasses.replace(training, seed=training.seed + 7919 * server.worker_id))
     source = LocalRollouts(config_for_worker, tokenizer, model, rank=0, world_size=1)

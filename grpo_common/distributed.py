@@ -94,3 +94,22 @@ def shutdown(wait_for_all: bool = True) -> None:
         if wait_for_all:
             dist.barrier()
         dist.destroy_process_group()
+
+
+def broadcast_bytes(data: bytes | None, src: int = 0) -> bytes | None:
+    """`data` of rank `src` on every rank (the other ranks pass None).
+
+    None from `src` arrives as None everywhere: how a rank that failed to get the data releases
+    the others, which would otherwise wait in the collective forever.
+    """
+    comm = _comm_device()
+    length = torch.tensor([-1 if data is None else len(data)], dtype=torch.long, device=comm)
+    dist.broadcast(length, src)
+    size = int(length.item())
+    if size < 0:
+        return None
+    buffer = torch.empty(size, dtype=torch.uint8, device=comm)
+    if dist.get_rank() == src:
+        buffer.copy_(torch.frombuffer(bytearray(data), dtype=torch.uint8))
+    dist.broadcast(buffer, src)
+    return buffer.cpu().numpy().tobytes()

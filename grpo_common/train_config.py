@@ -143,6 +143,12 @@ class TrainingConfig:
     )
     warmup_steps: int = field(default=0, metadata={"help": "steps of linear warmup from 0"})
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
+    optim: Literal["adamw_torch", "sgd"] = field(
+        default="adamw_torch",
+        metadata={"help": "optimizer when the DeepSpeed JSON has no optimizer section: adamw_torch, or sgd (plain "
+                          "SGD without momentum, whose update is -learning_rate x gradient: what "
+                          "scripts/check_update_invariance.py compares)"},
+    )
     max_steps: int = field(default=100, metadata={"help": "training steps (one generated batch each)"})
     gradient_accumulation_steps: int = field(
         default=1, metadata={"help": "micro-batches per optimizer update: a rank's batch is split into this many"}

@@ -4,7 +4,7 @@ Importable with torch alone (no transformers, no deepspeed, no network), so the 
 reference server and the tests share one implementation of every formula.
 """
 
-from .advantages import completion_mask, group_advantages
+from .advantages import completion_mask, group_advantages, reward_moments, reward_std_from_moments
 from .fused_linear import linear_logps
 from .logprobs import log_softmax, per_token_logps
 from .loss import k3_kl, policy_loss
@@ -17,4 +17,6 @@ __all__ = [
     "log_softmax",
     "per_token_logps",
     "policy_loss",
+    "reward_moments",
+    "reward_std_from_moments",
 ]

@@ -34,7 +34,9 @@ def completion_mask(completion_ids: torch.Tensor, eos_token_id: int | Sequence[i
     return (positions <= first_eos).to(torch.int32)  # (B, L)
 
 
-def group_advantages(rewards: torch.Tensor, num_generations: int, scale: str = "group") -> torch.Tensor:
+def group_advantages(
+    rewards: torch.Tensor, num_generations: int, scale: str = "group", batch_std: float | torch.Tensor | None = None
+) -> torch.Tensor:
     """(N,) rewards of N / G groups of G consecutive completions -> (N,) advantages.
 
     Equals TRL's GRPO advantage `(r - mean_group(r)) / (std + 1e-4)` with Bessel's correction,
@@ -45,6 +47,11 @@ def group_advantages(rewards: torch.Tensor, num_generations: int, scale: str = "
     - a group whose rewards are all equal, or that has fewer than two scored rewards, gets
       exactly 0 (never NaN, never rounding noise divided by 1e-4).
     Computed in float32 (float64 inputs stay float64). Infinite rewards are an error.
+
+    `batch_std` (only with `scale="batch"`): the std to divide by, when this tensor holds only part
+    of the step's rewards. Under data parallelism each rank scores its own groups, but "batch" means
+    the whole step on all ranks (TRL gathers every process's rewards before taking the std), so the
+    caller passes `reward_std(...)` of the whole step; default: the std of `rewards` themselves.
     """
     if scale not in SCALE_MODES:
         raise ValueError(f"group_advantages: scale must be one of {SCALE_MODES}, got {scale!r}")
@@ -75,12 +82,33 @@ def group_advantages(rewards: torch.Tensor, num_generations: int, scale: str = "
 
     if scale == "group":
         centered = centered / (_bessel_std(centered, count, dim=1) + STD_EPS)
+    elif scale == "batch" and batch_std is not None:
+        centered = centered / (torch.as_tensor(batch_std, dtype=centered.dtype) + STD_EPS)
     elif scale == "batch":
         batch_count = scored.sum()
         batch_mean = values.sum() / batch_count.clamp(min=1)
         batch_centered = torch.where(scored, grouped - batch_mean, 0.0).view(-1)  # (N,)
         centered = centered / (_bessel_std(batch_centered, batch_count, dim=0) + STD_EPS)
     return centered.view(-1)  # (N,)
+
+
+def reward_std_from_moments(count: float, total: float, total_sq: float) -> float:
+    """Sample std (Bessel) of scored rewards from their count, sum and sum of squares; 0 below two.
+
+    The three moments add over ranks with one all-reduce, which is how the trainer gets the std of
+    the whole step's rewards. Summed in float64 by the caller: rewards are O(1), so the cancellation
+    in `total_sq - total**2 / count` loses at most ~1e-12 relative, far below float32 rounding.
+    """
+    if count < 2:
+        return 0.0
+    variance = (total_sq - total * total / count) / (count - 1)
+    return max(variance, 0.0) ** 0.5
+
+
+def reward_moments(rewards: torch.Tensor) -> list[float]:
+    """(N,) rewards with NaN for unscored -> [count, sum, sum of squares] of the scored ones, float64."""
+    kept = rewards[~torch.isnan(rewards)].double()
+    return [float(kept.numel()), kept.sum().item(), kept.square().sum().item()]
 
 
 def _bessel_std(centered: torch.Tensor, count: torch.Tensor, dim: int) -> torch.Tensor:
