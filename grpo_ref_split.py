@@ -116,9 +116,11 @@ def deepspeed_config(config: RunConfig, world_size: int, rows_per_rank: int, dty
         # save_pretrained needs the full weights on rank 0 (consolidated from the partitions).
         zero["stage3_gather_16bit_weights_on_model_save"] = True
     if training.optim == "sgd" and "optimizer" not in ds:
-        # ZeRO vets the optimizer class against a list of Adam variants; SGD only ever sees the
-        # flat fp32 partitions ZeRO hands it, which any torch optimizer handles.
+        # ZeRO vets the optimizer class against a list of Adam variants, and with optimizer offload
+        # insists on its own CPU Adam; SGD only ever sees the flat fp32 partitions ZeRO hands it,
+        # on whichever device they live, which any torch optimizer handles.
         ds["zero_allow_untested_optimizer"] = True
+        ds["zero_force_ds_cpu_optimizer"] = False
     if "optimizer" in ds:  # e.g. DeepSpeedCPUAdam for optimizer offload; fill in our values for "auto"
         params = ds["optimizer"].setdefault("params", {})
         for key, value in (("lr", training.learning_rate), ("weight_decay", training.weight_decay)):
@@ -293,8 +295,12 @@ def train_on_batch(engine, batch: Batch, config: RunConfig, world_size: int) -> 
     global_tokens = dist_utils.all_reduce_sum([float(mask.sum())])[0]
     num_items = max(global_tokens, 1.0) / (world_size * GA)
 
-    sums: dict[str, float] = {}
-    count = 0
+    # Loss metrics of the whole step, whatever the micro-batching: each micro-batch's value weighs
+    # what it averages over (its tokens; its sequences for GSPO's per-sequence clip metrics), so
+    # with GA 2 a step logs what GA 1 logs. `loss` itself weighs each micro-batch equally: that is
+    # the quantity DeepSpeed averages into the gradient.
+    totals: dict[str, list[float]] = {}  # key -> [weighted sum, weight]
+    per_sequence = loss_cfg.importance_sampling_level == "sequence"
     nonfinite = 0
     grad_norms = []
     learning_rate = math.nan
@@ -326,9 +332,12 @@ def train_on_batch(engine, batch: Batch, config: RunConfig, world_size: int) -> 
                     print(f"warning: non-finite loss ({float(loss.detach())}) on a micro-batch of some rank: this "
                           "update is skipped (counted in nonfinite_steps)", file=sys.stderr, flush=True)
                 if not poisoned:
+                    tokens, sequences = float(mask[part].sum()), float(part.stop - part.start)
+                    weights = {key: sequences if per_sequence and key != "kl" else tokens for key in metrics}
                     for key, value in {"loss": loss, **metrics}.items():
-                        sums[key] = sums.get(key, 0.0) + float(value.detach())
-                    count += 1
+                        total = totals.setdefault(key, [0.0, 0.0])
+                        total[0] += float(value.detach()) * weights.get(key, 1.0)
+                        total[1] += weights.get(key, 1.0)
             if poisoned:
                 loss = zero_loss(engine, batch)
             engine.backward(loss)
@@ -349,10 +358,12 @@ def train_on_batch(engine, batch: Batch, config: RunConfig, world_size: int) -> 
         norm = engine.get_global_grad_norm()
         if norm is not None and not poisoned:
             grad_norms.append(float(norm))
-    result = {key: value / max(count, 1) for key, value in sums.items()}
+    result = {key: total / weight if weight > 0 else 0.0 for key, (total, weight) in totals.items()}
     result["grad_norm"] = sum(grad_norms) / len(grad_norms) if grad_norms else math.nan
     result["nonfinite_updates"] = float(nonfinite)
     result["learning_rate"] = learning_rate
+    # What each mean above weighs when ranks are combined (step_metrics); 1 for the rest.
+    result["weights"] = {key: weight for key, (_, weight) in totals.items()}
     return result
 
 
@@ -687,15 +698,19 @@ def publish_policy_snapshot(engine, output_dir: Path, version: int, rank: int) -
 
 def step_metrics(rewards, per_func, func_names, lengths, truncated, batch: Batch, losses: dict, step_time: float,
                  source, counters: dict, world_size: int, num_generations: int) -> dict[str, float]:
-    """Metrics of the whole step: rollout statistics over all ranks' rows, loss metrics averaged over ranks."""
+    """Metrics of the whole step: rollout statistics over all ranks' rows, loss metrics weighted over ranks
+    as over micro-batches (see train_on_batch)."""
     gathered = [dist_utils.gather_rows(t) for t in (rewards.float(), per_func.float(), lengths.float(),
                                                     truncated.float())]
     metrics = rollout_metrics(gathered[0], gathered[1], func_names, gathered[2], gathered[3].bool(),
                               num_generations)
+    weights = losses.pop("weights", {})
     keys = sorted(losses)
-    totals = dist_utils.all_reduce_sum([losses[k] for k in keys] + [float(batch.attention_mask.sum())])
-    for key, total in zip(keys, totals[:-1], strict=True):
-        metrics[key] = total / world_size
+    weighted = [losses[k] * weights.get(k, 1.0) for k in keys] + [weights.get(k, 1.0) for k in keys]
+    totals = dist_utils.all_reduce_sum(weighted + [float(batch.attention_mask.sum())])
+    for i, key in enumerate(keys):
+        weight = totals[len(keys) + i]
+        metrics[key] = totals[i] / weight if weight > 0 else 0.0
     metrics["step_time"] = step_time
     metrics["tokens_per_second"] = totals[-1] / step_time
     metrics["skipped_prompts"] = float(source.skipped_prompts if source is not None else 0)

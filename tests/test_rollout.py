@@ -21,8 +21,7 @@ from grpo_common.rollout import (
     rollout_metrics,
     sample_completions,
 )
-from grpo_common.wire import Batch
-from grpo_common.wire import decode_batch, encode_batch
+from grpo_common.wire import Batch, decode_batch, encode_batch
 
 
 def test_left_pad_aligns_prompts_on_the_right():

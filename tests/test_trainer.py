@@ -91,7 +91,7 @@ def run_steps(argv: list[str], monkeypatch=None, record: list | None = None) -> 
         original = trainer.train_on_batch
 
         def recording(engine, batch, config, world_size):
-            before = {k: v.detach().clone() for k, v in engine.module.state_dict().items()}
+            before = {k: v.detach().clone() for k, v in engine.module.policy.state_dict().items()}
             batch_copy = copy.deepcopy(batch)
             result = original(engine, batch, config, world_size)
             record.append((batch_copy, before, result))
@@ -248,7 +248,7 @@ def test_two_steps_without_reference_model(tmp_path, toy_model_dir, toy_dataset_
         assert "kl" not in line  # beta = 0: no reference log-probs anywhere
         for key in METRIC_KEYS:
             assert math.isfinite(line[key]), (key, line[key])
-    assert metrics[0]["nonfinite_steps"] == 0 and metrics[0]["learning_rate"] == 1e-3
+    assert metrics[0]["nonfinite_steps"] == 0 and metrics[0]["learning_rate"] == pytest.approx(1e-3)
 
     initial = load_file(str(toy_model_dir / "model.safetensors"))
     trained = final_weights(out, 2)
@@ -360,10 +360,13 @@ def test_a_non_finite_loss_skips_the_update_and_training_goes_on(tmp_path, toy_m
 
     monkeypatch.setattr(trainer, "policy_loss", nan_on_first_step)
     record: list = []
-    argv = toy_config(tmp_path, toy_model_dir, toy_dataset_path, max_steps=2, save_steps=1)
+    argv = toy_config(tmp_path, toy_model_dir, toy_dataset_path, max_steps=3, save_steps=1, warmup_steps=3)
     assert run_steps(argv, monkeypatch, record) == 0
     metrics = read_metrics(tmp_path / "out" / "metrics.jsonl")
-    assert [m["nonfinite_steps"] for m in metrics] == [1, 1]
+    assert [m["nonfinite_steps"] for m in metrics] == [1, 1, 1]
+    # Warmup: update n (from 0) has the rate lr x (n + 1) / 4. The skipped first update used up its
+    # slot; the ones after it get their own scheduled rates, not the one before the skip.
+    assert [m["learning_rate"] for m in metrics] == pytest.approx([1e-3 / 4, 2e-3 / 4, 3e-3 / 4])
     assert "non-finite loss" in capsys.readouterr().err
     initial = load_file(str(toy_model_dir / "model.safetensors"))
     after_first = final_weights(tmp_path / "out", 1)
@@ -388,7 +391,8 @@ def test_a_raising_reward_function_stops_the_run_naming_it_and_the_prompt(tmp_pa
     argv = toy_config(tmp_path, toy_model_dir, toy_dataset_path, reward_funcs=["test_trainer:broken_reward"])
     assert trainer.main(argv) == 1
     err = capsys.readouterr().err
-    assert "reward function 'broken_reward' raised ZeroDivisionError" in err and "on prompt:" in err
+    assert "reward function 'broken_reward' raised ZeroDivisionError" in err and "prompt: '" in err
+    assert "return [1 / 0 for _ in completions]" in err  # the traceback inside the user's function
 
 
 # ----------------------------------------------------------------------------------- subprocesses

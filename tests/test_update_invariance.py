@@ -13,7 +13,6 @@ import os
 
 import pytest
 import torch
-
 from conftest import load_script
 
 invariance = load_script("check_update_invariance")
@@ -26,10 +25,10 @@ DIST_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 # update is the gradient itself), log-probs at temperature 1 (the batch's is 0.7), and the
 # trainer's own old log-probs when num_iterations > 1.
 FAST_CASES = [
-    Case(2, 2, 1, "grpo", "token", 0.1, 1, "server"),
-    Case(2, 2, 1, "bnpo", "token", 0.0, 2, "local"),
-    Case(2, 4, 1, "dapo", "sequence", 0.1, 1, "server"),
-    Case(3, 2, 1, "dr_grpo", "token", 0.1, 2, "server"),
+    Case(2, False, 2, 1, "grpo", "token", 0.1, 1, "server"),
+    Case(2, True, 2, 1, "bnpo", "token", 0.0, 2, "local"),
+    Case(2, False, 4, 1, "dapo", "sequence", 0.1, 1, "server"),
+    Case(3, False, 2, 1, "dr_grpo", "token", 0.1, 2, "server"),
 ]
 
 
@@ -62,9 +61,9 @@ def test_one_step_equals_the_whole_batch_update(case, step_inputs, world_of_one)
 def test_the_check_sees_a_wrong_update(step_inputs, world_of_one):
     """The comparison is sharp: a different loss normalization of the same rollouts is far off."""
     model_dir, whole = step_inputs
-    case = Case(2, 1, 1, "grpo", "token", 0.0, 1, "local")
+    case = Case(2, False, 1, 1, "grpo", "token", 0.0, 1, "local")
     ours = invariance.trainer_update(case, model_dir, whole, rank=0, world_size=1)
-    other = invariance.reference_update(Case(2, 1, 1, "dapo", "token", 0.0, 1, "local"), model_dir, whole)
+    other = invariance.reference_update(Case(2, False, 1, 1, "dapo", "token", 0.0, 1, "local"), model_dir, whole)
     assert invariance.compare(case, model_dir, ours, other) > 1e-2
 
 
@@ -75,7 +74,7 @@ def test_pairwise_cases_cover_every_pair_of_settings():
     for (a, values_a), (b, values_b) in itertools.combinations(invariance.FACTORS.items(), 2):
         seen = {(getattr(c, a), getattr(c, b)) for c in cases}
         assert seen == set(itertools.product(values_a, values_b)), (a, b)
-    assert len(cases) < 20  # far fewer than the 768 combinations
+    assert len(cases) < 20  # far fewer than the 1,536 combinations
 
 
 def test_two_ranks_with_zero3_and_gradient_accumulation_equal_the_whole_batch(tmp_path):
@@ -90,7 +89,6 @@ def test_two_ranks_with_zero3_and_gradient_accumulation_equal_the_whole_batch(tm
 
 def test_a_worker_batch_is_split_into_whole_groups_per_rank():
     import grpo_ref_split as trainer
-
     from grpo_common.wire import Batch
 
     rows = 16
@@ -110,7 +108,7 @@ def test_a_worker_batch_that_is_not_one_step_is_refused_naming_the_contract(step
     from grpo_common.wire import encode_batch
 
     model_dir, whole = step_inputs
-    config = invariance.run_config(Case(2, 1, 1, "grpo", "token", 0.0, 1, "server"), model_dir)
+    config = invariance.run_config(Case(2, False, 1, 1, "grpo", "token", 0.0, 1, "server"), model_dir)
     half = trainer.rank_share(whole, 0, 2)  # 8 rows where the step has 16
     source = trainer.ServerRollouts(config, invariance._QueueOfOne(encode_batch(half)), rank=0, world_size=1)
     with pytest.raises(ConfigError, match="One uploaded batch is one training step"):
