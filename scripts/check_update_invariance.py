@@ -87,9 +87,10 @@ class Case:
 
 
 # A representative subset for CI: ZeRO-3 with GA 2 on 2 ranks (where the update was once the last
-# micro-batch's alone), the worker-fed path, and every loss type at least once.
+# micro-batch's alone) with the trainer's own old log-probs (a no-grad pass through the engine
+# first), the worker-fed path, optimizer offload on both stages, and every loss type once.
 CI_SUBSET = (
-    Case(3, False, 2, 2, "grpo", "token", 0.1, 1, "local"),
+    Case(3, False, 2, 2, "grpo", "token", 0.1, 2, "local"),
     Case(3, True, 4, 2, "bnpo", "sequence", 0.0, 2, "server"),
     Case(2, False, 2, 2, "dapo", "token", 0.1, 2, "server"),
     Case(2, True, 1, 2, "dr_grpo", "token", 0.0, 1, "local"),
