@@ -134,8 +134,10 @@ class ReferenceScorer:
     forwards, packing waiting requests into micro-batches of at most `max_batch_tokens`."""
 
     def __init__(self, model, max_batch_tokens: int, compute=None):
-        from grpo_common.modeling import reference_logps
+        from grpo_common.modeling import lm_head_plan, reference_logps
 
+        if compute is None:
+            lm_head_plan(model)  # checked (and cached) here, not in the worker while the first requests wait
         self.model = model
         self.max_batch_tokens = max_batch_tokens
         self._compute = compute or (
@@ -418,7 +420,7 @@ def main(argv: list[str] | None = None) -> int:
     from waitress import create_server
 
     from grpo_common.config import config_to_yaml, parse_config
-    from grpo_common.modeling import load_frozen_model, resolve_device, resolve_dtype
+    from grpo_common.modeling import lm_head_plan, load_frozen_model, resolve_device, resolve_dtype
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     (config,) = parse_config([ServerConfig], argv)
@@ -430,6 +432,7 @@ def main(argv: list[str] | None = None) -> int:
     device = resolve_device(config.device)
     dtype = resolve_dtype(config.dtype, device)
     model = load_frozen_model(config.model_name_or_path, device, dtype)
+    log.info("LM head: %s", lm_head_plan(model).reason)  # the fused head and its transform, or why not
     model_info = {
         "model": config.model_name_or_path,
         "vocab_size": model.get_output_embeddings().weight.shape[0],

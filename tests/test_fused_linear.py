@@ -136,3 +136,137 @@ def test_empty_batch():
     out = linear_logps(torch.randn(0, 3, 4), torch.randn(5, 4), torch.zeros(0, 3, dtype=torch.long))
     assert out.shape == (0, 3)
     assert not math.isnan(out.sum().item())
+
+
+# ---- heads that transform the logits: f(z) = logit_scale * z, or softcap * tanh(logit_scale * z / softcap) ----
+
+# (logit_scale, softcap): Granite-like division, Cohere-like multiplication, Gemma-like cap, both.
+TRANSFORMS = [(0.125, None), (3.0, None), (1.0, 2.0), (1.7, 3.0)]
+
+
+def naive_transformed_logps64(hidden, weight, labels, temperature, logit_scale, softcap, logits_dtype=None):
+    """The textbook head in float64: log_softmax(f(hidden @ W.T) / T) at the labels.
+
+    With `logits_dtype`, the raw logits' values are rounded to it, as a half-precision lm_head rounds
+    its output before any transform (the gradient passes straight through the rounding). A scale or
+    a low temperature multiplies that rounding into the softmax; this reference keeps it out of the
+    comparison, which then measures only the op's own arithmetic.
+    """
+    z = hidden.double() @ weight.double().t()  # (B, T, V)
+    if logits_dtype is not None:
+        z = z + (z.detach().to(logits_dtype).double() - z.detach())
+    y = logit_scale * z if softcap is None else softcap * torch.tanh(logit_scale * z / softcap)
+    return naive_log_softmax64(y / temperature).gather(-1, labels[..., None]).squeeze(-1)
+
+
+@pytest.mark.parametrize(("logit_scale", "softcap"), TRANSFORMS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("chunk_size", [1, 4, 1000])
+@pytest.mark.parametrize("temperature", [1.0, 0.6])
+def test_transformed_head_values_and_grads_match_float64(logit_scale, softcap, dtype, chunk_size, temperature):
+    hidden, weight, labels = make_inputs(dtype, seed=7)
+    upstream = torch.randn(labels.shape, generator=torch.Generator().manual_seed(7))
+    out = linear_logps(hidden, weight, labels, temperature, chunk_size, logit_scale=logit_scale, softcap=softcap)
+    (out * upstream).sum().backward()
+
+    ref_hidden = hidden.detach().double().requires_grad_()
+    ref_weight = weight.detach().double().requires_grad_()
+    ref = naive_transformed_logps64(ref_hidden, ref_weight, labels, temperature, logit_scale, softcap, dtype)
+    (ref * upstream.double()).sum().backward()
+
+    # float32 rounding of the logits y = f(z) / T grows with their size: scale / T times that of z.
+    growth = max(1.0, logit_scale / temperature)
+    torch.testing.assert_close(out.double(), ref.detach(), atol=2e-5 * growth, rtol=1e-6)
+    assert_close_normwise(hidden.grad, ref_hidden.grad, GRAD_TOL[dtype] * growth)
+    assert_close_normwise(weight.grad, ref_weight.grad, GRAD_TOL[dtype] * growth)
+
+
+def test_transform_is_applied_not_ignored():
+    """The cap and the scale change the answer by far more than the tolerance above (no accidental plain head)."""
+    hidden, weight, labels = make_inputs(torch.float32, seed=8)
+    plain = naive_linear_logps64(hidden.detach(), weight.detach(), labels, 0.6)
+    for logit_scale, softcap in TRANSFORMS:
+        out = linear_logps(hidden.detach(), weight.detach(), labels, 0.6, logit_scale=logit_scale, softcap=softcap)
+        assert (out.double() - plain).abs().max() > 0.5
+
+
+def test_cap_before_scale_is_a_cap_of_scale_times_cap():
+    """s * c * tanh(z / c) == (s c) * tanh(s z / (s c)): the docstring's recipe for the other order."""
+    hidden, weight, labels = make_inputs(torch.float64, seed=9)
+    s, c = 0.5, 2.0
+    z = hidden.detach() @ weight.detach().t()
+    ref = naive_log_softmax64(s * c * torch.tanh(z / c) / 0.7).gather(-1, labels[..., None]).squeeze(-1)
+    out = linear_logps(hidden.detach(), weight.detach(), labels, 0.7, logit_scale=s, softcap=s * c)
+    torch.testing.assert_close(out, ref, atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize(("logit_scale", "softcap"), TRANSFORMS)
+def test_gradcheck_float64_transformed_head(logit_scale, softcap):
+    hidden, weight, labels = make_inputs(torch.float64, batch=2, length=5, width=4, vocab=11, seed=10)
+    for chunk_size in (1, 3, 64):
+        assert torch.autograd.gradcheck(
+            lambda h, w, c=chunk_size: linear_logps(
+                h, w, labels, 0.7, chunk_size=c, logit_scale=logit_scale, softcap=softcap
+            ),
+            (hidden, weight),
+        )
+
+
+@pytest.mark.parametrize(("logit_scale", "softcap"), TRANSFORMS)
+def test_transformed_head_extreme_hidden_states(logit_scale, softcap):
+    hidden, weight, labels = make_inputs(torch.float32, seed=11)
+    with torch.no_grad():
+        hidden.mul_(2000.0)  # raw logits of order +-1e4: the cap saturates, tanh's slope underflows
+    upstream = torch.randn(labels.shape, generator=torch.Generator().manual_seed(11))
+    out = linear_logps(hidden, weight, labels, 0.6, chunk_size=4, logit_scale=logit_scale, softcap=softcap)
+    (out * upstream).sum().backward()
+    ref_hidden = hidden.detach().double().requires_grad_()
+    ref_weight = weight.detach().double().requires_grad_()
+    ref = naive_transformed_logps64(ref_hidden, ref_weight, labels, 0.6, logit_scale, softcap, torch.float32)
+    (ref * upstream.double()).sum().backward()
+    assert torch.isfinite(out).all()
+    assert torch.isfinite(hidden.grad).all() and torch.isfinite(weight.grad).all()
+    # float32 logits y = f(z) / T of size |y| are rounded by about eps * |y| (5e-3 at the 5e4 that a scale of
+    # 3 reaches here; the cap bounds them), and a softmax and its gradient move by as much.
+    raw = (hidden.detach().double() @ weight.detach().double().t()).abs().max().item()
+    size = (raw * logit_scale if softcap is None else softcap) / 0.6
+    tol = max(1e-3, 4 * torch.finfo(torch.float32).eps * size)
+    torch.testing.assert_close(out.double(), ref.detach(), atol=tol, rtol=1e-5)
+    assert_close_normwise(hidden.grad, ref_hidden.grad, tol)
+    assert_close_normwise(weight.grad, ref_weight.grad, tol)
+
+
+@pytest.mark.parametrize(("logit_scale", "softcap", "tiles"), [(1.0, None, 2), (0.125, None, 2), (1.7, 3.0, 3)])
+def test_transformed_head_stays_memory_bounded(logit_scale, softcap, tiles):
+    """Tile-sized buffers: the forward's, the backward's, and for a cap one more for its slope. Nothing larger."""
+    batch, length, width, vocab, chunk = 4, 32, 12, 256, 8  # width 12: the weight's gradient is not tile-sized
+    hidden, weight, labels = make_inputs(torch.float32, batch, length, width, vocab, seed=12)
+    tile_bytes = chunk * vocab * 4
+    weight_grad_bytes = vocab * width * 4
+    with AllocationRecorder() as rec:
+        linear_logps(hidden, weight, labels, 0.6, chunk, logit_scale=logit_scale, softcap=softcap).sum().backward()
+    others = [size for size, _ in rec.allocations if size != weight_grad_bytes]
+    assert max(others) <= tile_bytes
+    assert sum(1 for size in others if size == tile_bytes) == tiles
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"logit_scale": 0.0}, "logit_scale must be finite and > 0"),
+        ({"logit_scale": -2.0}, "logit_scale must be finite and > 0"),
+        ({"logit_scale": math.nan}, "logit_scale must be finite and > 0"),
+        ({"logit_scale": math.inf}, "logit_scale must be finite and > 0"),
+        ({"logit_scale": "8"}, "logit_scale must be a number"),
+        ({"logit_scale": True}, "logit_scale must be a number"),
+        ({"softcap": 0.0}, "softcap must be finite and > 0"),
+        ({"softcap": -30.0}, "softcap must be finite and > 0"),
+        ({"softcap": math.inf}, "softcap must be finite and > 0"),
+        ({"softcap": math.nan}, "softcap must be finite and > 0"),
+        ({"softcap": torch.tensor(30.0)}, "softcap must be a number"),
+    ],
+)
+def test_rejects_bad_transform_arguments(kwargs, message):
+    hidden, weight, labels = make_inputs(torch.float32, seed=13)
+    with pytest.raises(ValueError, match=message):
+        linear_logps(hidden, weight, labels, **kwargs)
