@@ -221,3 +221,37 @@ def test_reference_server_gone_for_good_stops_the_run_with_the_connection_error(
     assert code != 0
     assert "error: ConnectionError" in output and "python ref_server.py" in output, output[-4000:]
     assert run.steps_logged() < 200
+
+
+def test_two_ranks_fed_by_a_generation_worker_train_one_uploaded_batch_per_step(tmp_path, toy_model_dir,
+                                                                                toy_dataset_path, server):
+    """The worker-fed contract: one uploaded batch (prompts_per_step x num_generations) is one step,
+    leased by rank 0 and split over the two ranks, so the server sees exactly one acknowledgement
+    per step trained (plus one per stale batch dropped), not one per rank."""
+    import requests
+
+    ref = server()
+    out = tmp_path / "out"
+    steps = 3
+    worker = subprocess.Popen(
+        [sys.executable, "grpo_ref_split.py", "--config", "configs/toy_cpu.yaml", "--mode", "generate",
+         "--model_name_or_path", str(toy_model_dir), "--dataset_name", str(toy_dataset_path), "--output_dir", str(out),
+         "--ref_server_url", ref.url, "--worker_id", "1"],
+        cwd=REPO, env=clean_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        run = Training(out, toy_model_dir, toy_dataset_path, ref.url, "--max_steps", str(steps), "--save_steps",
+                       str(steps), "--rollout_source", "server", "--rollout_wait", "300")
+        assert run.wait() == 0, run.output()[-4000:]
+        worker_output, _ = worker.communicate(timeout=120)  # it exits once training is done
+    finally:
+        if worker.poll() is None:
+            worker.kill()
+            worker.wait()
+    assert worker.returncode == 0, worker_output[-3000:]
+    metrics = read_metrics(out / "metrics.jsonl")
+    assert [m["step"] for m in metrics] == list(range(1, steps + 1))
+    for line in metrics:
+        for key in ("loss", "kl", "reward", "grad_norm", "completions/clipped_ratio"):
+            assert math.isfinite(line[key]), (key, line[key])
+    stats = requests.get(f"{ref.url}/stats", timeout=30).json()
+    assert stats["acknowledged"] == steps + metrics[-1]["stale_batches"], stats
