@@ -234,6 +234,10 @@ def build_engine(config: RunConfig, model, world_size: int, dtype: torch.dtype):
 # ----------------------------------------------------------------------------------- one step
 
 
+class PeerRankFailed(RuntimeError):
+    """Another rank failed at a point where this one waited for it; that rank prints the cause."""
+
+
 class StopRequested:
     """Ctrl-C or SIGTERM sets a flag; the loop finishes its step, saves, and exits (ranks agree first)."""
 
@@ -448,7 +452,7 @@ class ServerRollouts:
                 raise
         payload = dist_utils.broadcast_bytes(payload)
         if payload is None:
-            raise RuntimeError("rank 0 could not get a rollout batch from the server queue; its error is above")
+            raise PeerRankFailed("rank 0 could not get a rollout batch from the server queue; its error is above")
         return rank_share(decode_batch(payload), self.rank, self.world_size)
 
     def _lease(self, policy_version: int) -> Batch:
@@ -797,7 +801,7 @@ def main(argv: list[str] | None = None) -> int:
         if config.server.mode == "generate":
             return generate(config)
         return train(config)
-    except (ConfigError, ConnectionError, TimeoutError, RefServerError, RewardFunctionError) as exc:
+    except (ConfigError, ConnectionError, TimeoutError, RefServerError, RewardFunctionError, PeerRankFailed) as exc:
         # Expected operational failures: one clear message (what failed, what to do), exit code 1.
         print(f"error: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
         return 1

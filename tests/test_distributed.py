@@ -56,3 +56,46 @@ def test_batch_scaled_advantages_use_the_std_of_the_whole_step_on_every_rank(tmp
         assert abs(result["std"] - expected_std) <= 1e-9 * expected_std
         torch.testing.assert_close(torch.tensor(result["advantages"]), whole.view(2, -1)[rank])
         assert result["received"] == "a worker batch" and result["failed"] is None
+
+
+class _EmptyQueue:
+    def get(self, lease_seconds: float):
+        return None
+
+
+def _lease_failure_main(rank: int, world_size: int, port: int, out_dir: str) -> None:
+    from pathlib import Path
+
+    import grpo_ref_split as trainer
+    from grpo_common.train_config import (
+        DataConfig,
+        LossConfig,
+        ModelConfig,
+        RolloutConfig,
+        RunConfig,
+        ServerLinkConfig,
+        TrainingConfig,
+    )
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
+    config = RunConfig(ModelConfig(model_name_or_path="unused"), DataConfig(), RolloutConfig(prompts_per_step=2),
+                       LossConfig(), TrainingConfig(),
+                       ServerLinkConfig(rollout_source="server", rollout_wait=0.2))
+    source = trainer.ServerRollouts(config, _EmptyQueue() if rank == 0 else None, rank, world_size)
+    try:
+        source.next(policy_version=0)
+        outcome = "returned"
+    except (TimeoutError, trainer.PeerRankFailed) as exc:
+        outcome = type(exc).__name__
+    finally:
+        dist.destroy_process_group()
+    (Path(out_dir) / f"rank{rank}.txt").write_text(outcome)
+
+
+def test_when_rank_0_gets_no_worker_batch_every_rank_stops_instead_of_waiting(tmp_path):
+    """Rank 0 leases the step's batch for all ranks: its failure must release the others (which wait
+    in the broadcast) with an error that main() reports, never leave them waiting forever."""
+    mp.start_processes(_lease_failure_main, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True,
+                       start_method="spawn")
+    assert (tmp_path / "rank0.txt").read_text() == "TimeoutError"
+    assert (tmp_path / "rank1.txt").read_text() == "PeerRankFailed"

@@ -206,6 +206,28 @@ def test_learning_rate_schedules():
     assert cosine(0) == 1.0 and abs(cosine(5) - 0.5) < 1e-12 and abs(cosine(10)) < 1e-12
 
 
+def test_local_rollouts_of_several_ranks_scale_batch_advantages_by_the_whole_step(tmp_path, toy_model_dir,
+                                                                                   toy_dataset_path, monkeypatch):
+    """Each rank scores only its groups; with scale_rewards: batch it must divide by the std of the
+    whole step (an all-reduce, tested on two processes in test_distributed.py), not its own."""
+    from transformers import AutoModelForCausalLM
+
+    config = trainer.parse_run_config(toy_config(tmp_path, toy_model_dir, toy_dataset_path, scale_rewards="batch",
+                                                 prompts_per_step=4))
+    tokenizer = trainer.load_tokenizer(str(toy_model_dir))
+    model = AutoModelForCausalLM.from_pretrained(toy_model_dir)
+    seen: dict = {}
+    def record(model, tokenizer, rows, **kwargs):
+        seen.update(kwargs, rows=rows)
+
+    monkeypatch.setattr(trainer, "make_rollouts", record)
+    for world_size, expected in ((2, trainer.step_reward_std), (1, None)):
+        source = trainer.LocalRollouts(config, tokenizer, model, rank=world_size - 1, world_size=world_size)
+        source.next(model, policy_version=0)
+        assert seen["step_reward_std"] is expected
+        assert len(seen["rows"]) == 4 // world_size
+
+
 def test_prompt_order_is_seeded_reshuffled_each_epoch_and_resumable():
     order = PromptOrder(5, seed=3)
     first_epoch = order.take(5)
