@@ -1,0 +1,70 @@
+"""The reference server's configuration: one dataclass, filled by `grpo_split.config.parsing.parse_config`.
+
+    python ref_server.py --config configs/ref_server.yaml --port 8000
+
+Also the project's one default port: the server listens on it and the trainer's default URL points at it.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Literal
+
+DEFAULT_PORT = 59875
+# The environment variable the server reads its bearer token from when --auth_token is not given.
+TOKEN_ENV = "REF_SERVER_TOKEN"
+# The longest lease GET /get grants. A trainer step never comes close to a day; the cap turns a unit
+# slip (milliseconds sent as seconds) or an infinite lease into a 400 instead of a batch that a dead
+# trainer holds, undelivered, for the life of the server.
+MAX_LEASE_SECONDS = 24 * 3600.0
+
+
+@dataclass
+class ServerConfig:
+    model_name_or_path: str = field(metadata={"help": "reference model: a local directory or a hub name"})
+    host: str = field(
+        default="127.0.0.1",
+        metadata={"help": "interface to bind; 0.0.0.0 exposes the server to the network (set --auth_token then)"},
+    )
+    port: int = field(default=DEFAULT_PORT, metadata={"help": "TCP port; 0 picks a free one (printed when ready)"})
+    device: str = field(default="auto", metadata={"help": "auto (cuda when present, else cpu), cpu, cuda, cuda:1, ..."})
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = field(
+        default="auto", metadata={"help": "weights dtype; auto = bfloat16 on a GPU that supports it, else float32"}
+    )
+    max_batch_tokens: int = field(
+        default=16384, metadata={"help": "token budget (rows x sequence length) of one forward micro-batch"}
+    )
+    max_queue: int = field(
+        default=64, metadata={"help": "uploaded batches held at most (awaiting scoring or delivery)"}
+    )
+    max_request_mb: float = field(default=256.0, metadata={"help": "request bodies above this many MB get 413"})
+    auth_token: str | None = field(
+        default=None,
+        metadata={"help": "bearer token every request but /health must carry (default: env REF_SERVER_TOKEN)"},
+    )
+    lease_seconds: float = field(
+        default=300.0, metadata={"help": "default lease of GET /get: unacknowledged batches are delivered again after"}
+    )
+    threads: int = field(default=8, metadata={"help": "HTTP worker threads (waitress)"})
+    retry_after_seconds: int = field(default=2, metadata={"help": "Retry-After sent with 503 when the queue is full"})
+
+    def __post_init__(self):
+        if self.auth_token is None:
+            self.auth_token = os.environ.get(TOKEN_ENV) or None
+        checks = {
+            "port": 0 <= self.port <= 65535,
+            "max_batch_tokens": self.max_batch_tokens >= 1,
+            "max_queue": self.max_queue >= 1,
+            "max_request_mb": self.max_request_mb > 0,
+            "lease_seconds": 0 < self.lease_seconds <= MAX_LEASE_SECONDS,
+            "threads": self.threads >= 1,
+            "retry_after_seconds": self.retry_after_seconds >= 0,
+        }
+        for name, ok in checks.items():
+            if not ok:
+                raise ValueError(f"{name}={getattr(self, name)!r} is out of range; see --help")
+
+    @property
+    def max_request_bytes(self) -> int:
+        return int(self.max_request_mb * 1e6)
