@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 # other requirement can pull an unpinned CUDA build of torch first.
 TORCH_PIN := $(shell grep -o '"torch==[^"]*"' pyproject.toml | tr -d '"')
 
-.PHONY: demo test lint bench clean-venv
+.PHONY: demo test test-fast lint bench clean-venv
 
 $(STAMP): pyproject.toml
 	@test -n "$(TORCH_PIN)" || { echo "no torch==X pin found in pyproject.toml"; exit 1; }
@@ -19,12 +19,16 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 # The main job: a real GRPO run on the toy task, two DeepSpeed CPU ranks with the reference
-# server in the loop (scripts/run_demo.py); about 3 minutes on 2 cores.
+# server in the loop (examples/toy/run_demo.py); about 3 minutes on 2 cores.
 demo: $(STAMP)
-	$(BIN)/python scripts/run_demo.py
+	$(BIN)/python examples/toy/run_demo.py
 
 test: $(STAMP)
 	$(BIN)/python -m pytest
+
+# The fast layers only (no launcher, server or worker processes): about a minute.
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -m "not e2e"
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -1,7 +1,7 @@
 """Benchmark: forward + backward of per-token log-probs at the Qwen2.5 vocabulary.
 
 Three ways to get the log-prob of every completion token from final hidden states and the LM head:
-  seed             full (B, T, V) logits, then a row-by-row log_softmax + gather (the seed project)
+  seed             full (B, T, V) logits, then a row-by-row log_softmax + gather (the public simple_GRPO project's way)
   per_token_logps  full logits, then stable_ops.per_token_logps (chunked, hand-written backward)
   linear_logps     stable_ops.linear_logps (fused LM head: the logits are never materialized)
 
@@ -39,7 +39,7 @@ QWEN25_05B_HIDDEN = 896
 
 
 def seed_logps(hidden, weight, labels):
-    """The seed project's approach: materialize the logits, then log_softmax + gather row by row."""
+    """simple_GRPO's approach (its grpo_ref_split.py): materialize the logits, then log_softmax + gather row by row."""
     logits = hidden @ weight.t()  # (B, T, V)
     rows = []
     for logits_row, labels_row in zip(logits, labels, strict=True):

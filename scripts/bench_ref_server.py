@@ -1,11 +1,11 @@
 """Benchmark the reference server: wire format speed, and reference log-prob throughput over HTTP.
 
 (1) Wire format: encode + decode of one rollout batch (8 x 1,024 token ids, rewards, old and
-    reference log-probs) with `grpo_split.contract.batch` against the seed's `torch.save` per tensor plus
+    reference log-probs) with `grpo_split.contract.batch` against simple_GRPO's `torch.save` per tensor plus
     length-prefixed framing and `torch.load` (weights_only) on the way back.
 (2) Throughput: tokens/s of reference log-probs through `POST /logps` of a real server process,
     with several concurrent clients, against calling the same model in-process
-    (`grpo_split.modeling.reference_logps`) on the same batches. The two are measured one after
+    (`grpo_split.modeling.frozen_logps`) on the same batches. The two are measured one after
     the other, never at the same time, so they do not share the CPU.
 
     python scripts/bench_ref_server.py        # random Qwen2 (H=256, 4 layers, V=151,936), 2 x 512 tokens a request
@@ -40,7 +40,7 @@ QWEN25_VOCAB = 151_936
 
 
 def seed_encode(tensors: list[torch.Tensor]) -> bytes:
-    """The seed project's framing: torch.save each tensor, then length-prefix and concatenate."""
+    """simple_GRPO's framing (its ref_server.py): torch.save each tensor, then length-prefix and concatenate."""
     parts = []
     for t in tensors:
         buffer = io.BytesIO()
@@ -126,13 +126,13 @@ def request_batches(count: int, batch_size: int, prompt_length: int, completion_
 
 
 def bench_in_process(model_dir: Path, batches: list[Batch], max_batch_tokens: int) -> float:
-    from grpo_split.modeling import load_frozen_model, reference_logps
+    from grpo_split.modeling import frozen_logps, load_frozen_model
 
     model = load_frozen_model(str(model_dir), torch.device("cpu"), torch.float32)
-    reference_logps(model, batches[0].input_ids, None, batches[0].prompt_length, max_batch_tokens=max_batch_tokens)
+    frozen_logps(model, batches[0].input_ids, None, batches[0].prompt_length, max_batch_tokens=max_batch_tokens)
     start = time.perf_counter()
     for b in batches:
-        reference_logps(model, b.input_ids, None, b.prompt_length, max_batch_tokens=max_batch_tokens)
+        frozen_logps(model, b.input_ids, None, b.prompt_length, max_batch_tokens=max_batch_tokens)
     elapsed = time.perf_counter() - start
     return sum(b.input_ids.numel() for b in batches) / elapsed
 

@@ -144,7 +144,7 @@ def make_step_batch(model_dir: Path, seed: int = 0):
     worker's, a little off the policy's) and reference log-probs (off the policy's)."""
     from transformers import AutoModelForCausalLM
 
-    from grpo_common.wire import Batch
+    from grpo_split.contract.batch import Batch
     from stable_ops import group_advantages
 
     g = torch.Generator().manual_seed(seed)
@@ -186,7 +186,7 @@ def deepspeed_json(case: Case, directory: Path) -> Path:
 
 
 def run_config(case: Case, model_dir: Path):
-    from grpo_common.train_config import (
+    from grpo_split.config.trainer import (
         DataConfig,
         LossConfig,
         ModelConfig,
@@ -232,7 +232,7 @@ class _QueueOfOne:
         self.acked: list[str] = []
 
     def get(self, lease_seconds: float):
-        from grpo_common.wire import decode_batch
+        from grpo_split.contract.batch import decode_batch
 
         batch = decode_batch(self.payload)
         batch.batch_id = "b1"
@@ -244,23 +244,26 @@ class _QueueOfOne:
 
 def trainer_update(case: Case, model_dir: Path, whole, rank: int, world_size: int) -> dict[str, torch.Tensor] | None:
     """Run one trainer step of `case` on this rank; the full weights after it on rank 0 (None elsewhere)."""
-    import grpo_ref_split as trainer
-    from grpo_common.wire import encode_batch
+    from grpo_split.contract.batch import encode_batch
+    from grpo_split.modeling import load_causal_lm
+    from grpo_split.rollouts.sources import ServerRollouts, rank_share
+    from grpo_split.training.checkpoint import policy_state_dict
+    from grpo_split.training.engine import build_engine
+    from grpo_split.training.update import train_on_batch
 
     config = run_config(case, model_dir)
     torch.manual_seed(0)
-    model = trainer.load_policy(str(model_dir), torch.float32)
-    engine = trainer.build_engine(config, model, world_size, torch.float32)
+    model = load_causal_lm(str(model_dir), torch.float32)
+    engine = build_engine(config, model, world_size, torch.float32)
     engine.train()
     batch = case_inputs(case, whole)
     if case.source == "server":
-        source = trainer.ServerRollouts(config, _QueueOfOne(encode_batch(batch)) if rank == 0 else None, rank,
-                                        world_size)
-        share = source.next(policy_version=0)
+        queue = _QueueOfOne(encode_batch(batch)) if rank == 0 else None
+        share = ServerRollouts(config, queue, rank, world_size, eos_ids=[0]).next_batch(policy_version=0)
     else:
-        share = trainer.rank_share(batch, rank, world_size)
-    trainer.train_on_batch(engine, share, config, world_size)
-    state = trainer.policy_state_dict(engine)
+        share = rank_share(batch, rank, world_size)
+    train_on_batch(engine, share, config, world_size)
+    state = policy_state_dict(engine)
     if state is None:
         state = engine.module.policy.state_dict()
     return {k: v.detach().clone().float() for k, v in state.items()} if rank == 0 else None
@@ -328,8 +331,8 @@ def rank_worker(workdir: Path) -> None:
     """Entry point under the deepspeed launcher: every case of this world size, weights to workdir."""
     from safetensors.torch import save_file
 
-    from grpo_common import distributed as dist_utils
-    from grpo_common.wire import decode_batch
+    from grpo_split.contract.batch import decode_batch
+    from grpo_split.training import distributed as dist_utils
 
     rank, world_size, _ = dist_utils.init_distributed()
     spec = json.loads((workdir / "cases.json").read_text())
@@ -365,7 +368,7 @@ def launch(workdir: Path, world_size: int, timeout: float) -> None:
 
 def check_cases(cases: list[Case], workdir: Path, timeout: float = 900) -> list[tuple[Case, float]]:
     """Run every case (one launcher per world size) and return each with its relative error."""
-    from grpo_common.wire import decode_batch, encode_batch
+    from grpo_split.contract.batch import decode_batch, encode_batch
 
     model_dir = build_model(workdir / "model")
     (workdir / "batch.bin").write_bytes(encode_batch(make_step_batch(model_dir)))

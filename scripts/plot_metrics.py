@@ -17,7 +17,7 @@ from pathlib import Path
 # Run as `python scripts/plot_metrics.py`, sys.path[0] is scripts/, not the repo root; the other scripts do the
 # same, so they also work from a checkout that was never `pip install -e`-ed.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from grpo_common.metrics import METRICS_FILE, read_metrics  # noqa: E402
+from grpo_split.training.metrics import METRICS_FILE, read_metrics  # noqa: E402
 
 PANELS = (
     ("reward", "reward"),

@@ -17,8 +17,8 @@ def completion_mask(completion_ids: torch.Tensor, eos_token_id: int | Sequence[i
     """(B, L) completion ids -> (B, L) int32 mask: 1 up to and including the first EOS, 0 after.
 
     A row without EOS is all ones (a truncated completion). The mask is found from the position
-    of the first EOS, never from padding, so it is right when the pad token equals EOS (the seed
-    derived it from `pad_token_id` and so dropped the EOS token itself). `eos_token_id` may be
+    of the first EOS, never from padding, so it is right when the pad token equals EOS (a mask derived
+    from `pad_token_id` then drops the EOS token itself). `eos_token_id` may be
     one id or several (chat models often stop on more than one).
     """
     if completion_ids.dim() != 2:

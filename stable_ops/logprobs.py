@@ -1,7 +1,6 @@
 """Numerically stable log-softmax and per-token log-probabilities of chosen tokens.
 
-Everything here follows the log-sum-exp algorithm of the user's numerics note
-(shared/seeds/000_bf4bbb9cc19cb133.txt): subtract the row maximum before `exp`, so every
+Everything here follows the log-sum-exp algorithm: subtract the row maximum before `exp`, so every
 exponent is <= 0 and nothing overflows, and accumulate in float32 when the inputs are float16
 or bfloat16 (float16 overflows at exp(11.1); bfloat16 keeps 8 bits of mantissa, too few for a
 sum over 150k vocabulary entries).
@@ -62,7 +61,8 @@ def log_softmax(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
     shift = work.detach().amax(dim=dim, keepdim=True)
     shift = shift.masked_fill(~torch.isfinite(shift), 0.0)
     shifted = work - shift
-    # Floor explained in `logsumexp_`: only an all -inf slice can sum to less than 1.
+    # After the shift the largest term is exp(0) = 1, so a sum below 1 means every entry was -inf
+    # (sum 0); the floor keeps its log finite instead of -inf - -inf = NaN in the result.
     sums = shifted.exp().sum(dim=dim, keepdim=True).clamp_min(torch.finfo(work.dtype).tiny)
     return shifted - sums.log()
 

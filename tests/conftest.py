@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_VOCAB = 96
@@ -40,7 +41,7 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_model(tiny_model_dir):
-    from grpo_common.modeling import load_frozen_model
+    from grpo_split.modeling import load_frozen_model
 
     return load_frozen_model(str(tiny_model_dir), torch.device("cpu"), torch.float32)
 
@@ -115,13 +116,44 @@ def load_script(name: str):
 
 @pytest.fixture(scope="session")
 def toy_model_dir(tmp_path_factory) -> Path:
-    """The toy model and tokenizer of the demo (scripts/make_toy_model.py, seed 0), built once per session."""
-    return Path(load_script("make_toy_model").build_toy_model(tmp_path_factory.mktemp("toy_model"), seed=0))
+    """The toy model and tokenizer of the demo (examples/toy/make_toy_model.py, seed 0), built once per session."""
+    from examples.toy.make_toy_model import build_toy_model
+
+    return Path(build_toy_model(tmp_path_factory.mktemp("toy_model"), seed=0))
 
 
 @pytest.fixture(scope="session")
 def toy_dataset_path(tmp_path_factory) -> Path:
-    """64 toy examples as JSONL (scripts/make_toy_data.py's format)."""
-    from grpo_common.toy_task import make_examples, write_jsonl
+    """64 toy examples as JSONL (examples/toy/make_toy_data.py's format)."""
+    from examples.toy.toy_task import make_examples, write_jsonl
 
     return write_jsonl(tmp_path_factory.mktemp("toy_data") / "toy.jsonl", make_examples(64, seed=0))
+
+
+def length_reward(prompts, completions, **columns):
+    """A test reward that always varies within a group: the completion's length in characters / 10."""
+    return [len(c) / 10 for c in completions]
+
+
+def toy_config(tmp_path: Path, model_dir: Path, dataset: Path, **overrides) -> list[str]:
+    """A YAML config for a tiny run written to tmp_path; returns the argv that loads it."""
+    values = {
+        "model_name_or_path": str(model_dir),
+        "dataset_name": str(dataset),
+        "num_generations": 4,
+        "prompts_per_step": 2,
+        "max_completion_length": 8,
+        "max_prompt_length": 64,
+        "reward_funcs": ["conftest:length_reward", "examples.toy.toy_task:answer_format_reward"],
+        "learning_rate": 1e-3,
+        "max_steps": 2,
+        "save_steps": 2,
+        "beta": 0.0,
+        "seed": 0,
+        "output_dir": str(tmp_path / "out"),
+        "ref_server_wait": 30.0,
+    }
+    values.update(overrides)
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(values))
+    return ["--config", str(path)]

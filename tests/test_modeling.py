@@ -2,7 +2,7 @@
 
 Every reference here is the naive one, written out in this file: each row alone and unpadded
 through the model's own `forward`, `log_softmax(logits[P-1:-1] / T)` in float64 at the completion
-tokens. None of it goes through `grpo_common.modeling` or `stable_ops`, so an index slip or a
+tokens. None of it goes through `grpo_split.modeling` or `stable_ops`, so an index slip or a
 wrong head transform in either shows up as a difference.
 """
 
@@ -13,12 +13,12 @@ import torch
 from conftest import TINY_VOCAB
 from helpers import assert_close_normwise
 
-from grpo_common.modeling import (
+from grpo_split.modeling import (
     LMHeadPlan,
     completion_logps,
+    frozen_logps,
     lm_head_plan,
     load_frozen_model,
-    reference_logps,
 )
 
 TEMPERATURE = 0.7
@@ -267,7 +267,7 @@ def test_the_plan_is_computed_at_load_and_cached(model_dirs):
     assert lm_head_plan(model) is plan and forwards == []  # load_frozen_model already ran the check
     rows = make_rows(seed=6)
     ids, mask, prompt_len = pad_rows(rows)
-    reference_logps(model, ids, mask, prompt_len, TEMPERATURE)
+    frozen_logps(model, ids, mask, prompt_len, TEMPERATURE)
     assert len(forwards) == 1 and lm_head_plan(model) is plan
 
 

@@ -3,8 +3,8 @@
 import dataclasses
 from pathlib import Path
 
-from grpo_common.train_config import CONFIG_TYPES
-from ref_server import ServerConfig
+from grpo_split.config.server import ServerConfig
+from grpo_split.config.trainer import CONFIG_TYPES
 
 README = (Path(__file__).resolve().parents[1] / "README.md").read_text()
 

@@ -20,14 +20,15 @@ import pytest
 import requests
 import torch
 import yaml
+from conftest import toy_config
 from safetensors.torch import load_file
 
 import grpo_ref_split as trainer
-from grpo_common.checkpoint import list_checkpoints
-from grpo_common.config import ConfigError
-from grpo_common.data import PromptOrder, load_prompt_dataset
-from grpo_common.metrics import read_metrics
-from grpo_common.train_config import check_run_layout
+from grpo_split.config.parsing import ConfigError
+from grpo_split.config.trainer import check_run_layout
+from grpo_split.rollouts.data import load_prompt_dataset
+from grpo_split.training.checkpoint import list_checkpoints
+from grpo_split.training.metrics import read_metrics
 
 REPO = Path(__file__).resolve().parents[1]
 DIST_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
@@ -42,11 +43,6 @@ def toy_ref_server(toy_model_dir):
     assert server.stop() == 0, "".join(server.stderr_lines[-40:])
 
 
-def length_reward(prompts, completions, **columns):
-    """A test reward that always varies within a group: the completion's length in characters / 10."""
-    return [len(c) / 10 for c in completions]
-
-
 def broken_reward(prompts, completions, **columns):
     return [1 / 0 for _ in completions]
 
@@ -59,30 +55,6 @@ def fresh_process_group_env():
     for key in DIST_ENV:
         os.environ.pop(key, None)
     os.environ.update(saved)
-
-
-def toy_config(tmp_path: Path, model_dir: Path, dataset: Path, **overrides) -> list[str]:
-    """A YAML config for a tiny run written to tmp_path; returns the argv that loads it."""
-    values = {
-        "model_name_or_path": str(model_dir),
-        "dataset_name": str(dataset),
-        "num_generations": 4,
-        "prompts_per_step": 2,
-        "max_completion_length": 8,
-        "max_prompt_length": 64,
-        "reward_funcs": ["test_trainer:length_reward", "grpo_common.toy_task:answer_format_reward"],
-        "learning_rate": 1e-3,
-        "max_steps": 2,
-        "save_steps": 2,
-        "beta": 0.0,
-        "seed": 0,
-        "output_dir": str(tmp_path / "out"),
-        "ref_server_wait": 30.0,
-    }
-    values.update(overrides)
-    path = tmp_path / "run.yaml"
-    path.write_text(yaml.safe_dump(values))
-    return ["--config", str(path)]
 
 
 def run_steps(argv: list[str], monkeypatch=None, record: list | None = None) -> int:
@@ -114,7 +86,7 @@ def test_yaml_then_command_line_overrides(tmp_path, toy_model_dir, toy_dataset_p
     assert config.loss.beta == 0.1 and config.loss.loss_type == "dapo"
     assert config.rollout.num_generations == 4
     assert config.server.ref_server_url == ["http://a:1", "http://b:2"]
-    assert config.rollout.reward_funcs == ["test_trainer:length_reward", "grpo_common.toy_task:answer_format_reward"]
+    assert config.rollout.reward_funcs == ["conftest:length_reward", "examples.toy.toy_task:answer_format_reward"]
 
 
 def test_deepspeed_launcher_local_rank_argument_is_accepted(tmp_path, toy_model_dir, toy_dataset_path):
@@ -174,75 +146,6 @@ def test_missing_dataset_column_or_file_is_named(toy_dataset_path, tmp_path):
         load_prompt_dataset(str(toy_dataset_path), "train", "prompt", "solution")
     with pytest.raises(ConfigError, match="no such file"):
         load_prompt_dataset(str(tmp_path / "missing.jsonl"), "train", "prompt", "answer")
-
-
-def test_deepspeed_config_takes_batch_layout_and_precision_from_ours(tmp_path, toy_model_dir, toy_dataset_path):
-    argv = toy_config(tmp_path, toy_model_dir, toy_dataset_path, gradient_accumulation_steps=2,
-                      deepspeed=str(REPO / "configs" / "ds_zero2_offload.json"), max_grad_norm=0.5,
-                      weight_decay=0.01)
-    config = trainer.parse_run_config(argv)
-    ds = trainer.deepspeed_config(config, world_size=2, rows_per_rank=8, dtype=torch.bfloat16)
-    layout = (ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"], ds["train_batch_size"])
-    assert layout == (4, 2, 16)
-    assert ds["gradient_clipping"] == 0.5 and ds["bf16"]["enabled"] and not ds["fp16"]["enabled"]
-    assert ds["optimizer"]["params"]["lr"] == 1e-3 and ds["optimizer"]["params"]["weight_decay"] == 0.01
-    zero3 = trainer.deepspeed_config(
-        trainer.parse_run_config([*argv, "--deepspeed", str(REPO / "configs" / "ds_zero3.json")]), 1, 8,
-        torch.float32)
-    assert zero3["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] is True
-    assert not zero3["bf16"]["enabled"]
-    bad = tmp_path / "bad.json"
-    bad.write_text("{not json")
-    with pytest.raises(ConfigError, match="deepspeed="):
-        trainer.deepspeed_config(trainer.parse_run_config([*argv, "--deepspeed", str(bad)]), 1, 8, torch.float32)
-
-
-def test_learning_rate_schedules():
-    warm = trainer.lr_lambda("constant", warmup_steps=3, total_updates=10)
-    assert [warm(n) for n in range(5)] == [0.25, 0.5, 0.75, 1.0, 1.0]
-    linear = trainer.lr_lambda("linear", warmup_steps=0, total_updates=10)
-    assert linear(0) == 1.0 and linear(5) == 0.5 and linear(10) == 0.0
-    cosine = trainer.lr_lambda("cosine", warmup_steps=0, total_updates=10)
-    assert cosine(0) == 1.0 and abs(cosine(5) - 0.5) < 1e-12 and abs(cosine(10)) < 1e-12
-
-
-def test_local_rollouts_of_several_ranks_scale_batch_advantages_by_the_whole_step(tmp_path, toy_model_dir,
-                                                                                   toy_dataset_path, monkeypatch):
-    """Each rank scores only its groups; with scale_rewards: batch it must divide by the std of the
-    whole step (an all-reduce, tested on two processes in test_distributed.py), not its own."""
-    from transformers import AutoModelForCausalLM
-
-    config = trainer.parse_run_config(toy_config(tmp_path, toy_model_dir, toy_dataset_path, scale_rewards="batch",
-                                                 prompts_per_step=4))
-    tokenizer = trainer.load_tokenizer(str(toy_model_dir))
-    model = AutoModelForCausalLM.from_pretrained(toy_model_dir)
-    seen: dict = {}
-    def record(model, tokenizer, rows, **kwargs):
-        seen.update(kwargs, rows=rows)
-
-    monkeypatch.setattr(trainer, "make_rollouts", record)
-    for world_size, expected in ((2, trainer.step_reward_std), (1, None)):
-        source = trainer.LocalRollouts(config, tokenizer, model, rank=world_size - 1, world_size=world_size)
-        source.next(model, policy_version=0)
-        assert seen["step_reward_std"] is expected
-        assert len(seen["rows"]) == 4 // world_size
-
-
-def test_prompt_order_is_seeded_reshuffled_each_epoch_and_resumable():
-    order = PromptOrder(5, seed=3)
-    first_epoch = order.take(5)
-    assert sorted(first_epoch) == list(range(5))
-    second_epoch = order.take(5)
-    assert sorted(second_epoch) == list(range(5)) and second_epoch != first_epoch
-    assert PromptOrder(5, seed=3).take(7) == first_epoch + second_epoch[:2]  # crossing an epoch boundary
-
-    resumed = PromptOrder(5, seed=3)
-    partial = PromptOrder(5, seed=3)
-    partial.take(7)
-    resumed.load_state_dict(partial.state_dict())
-    assert resumed.take(6) == partial.take(6)
-    with pytest.raises(ValueError, match="same dataset and seed"):
-        PromptOrder(6, seed=3).load_state_dict(partial.state_dict())
 
 
 # ----------------------------------------------------------------------------------- training steps
@@ -372,7 +275,9 @@ def test_resume_latest_without_checkpoint_starts_fresh_and_bad_path_is_an_error(
 
 def test_a_non_finite_loss_skips_the_update_and_training_goes_on(tmp_path, toy_model_dir, toy_dataset_path,
                                                                   monkeypatch, capsys):
-    real_loss = trainer.policy_loss
+    from grpo_split.training import update
+
+    real_loss = update.policy_loss
     calls = {"n": 0}
 
     def nan_on_first_step(*args, **kwargs):
@@ -380,7 +285,7 @@ def test_a_non_finite_loss_skips_the_update_and_training_goes_on(tmp_path, toy_m
         calls["n"] += 1
         return (loss * float("nan") if calls["n"] == 1 else loss), metrics
 
-    monkeypatch.setattr(trainer, "policy_loss", nan_on_first_step)
+    monkeypatch.setattr(update, "policy_loss", nan_on_first_step)
     record: list = []
     argv = toy_config(tmp_path, toy_model_dir, toy_dataset_path, max_steps=3, save_steps=1, warmup_steps=3)
     assert run_steps(argv, monkeypatch, record) == 0
@@ -431,6 +336,7 @@ def subprocess_env() -> dict[str, str]:
     return env
 
 
+@pytest.mark.e2e
 def test_generation_worker_feeds_a_trainer_through_the_server_queue(tmp_path, toy_model_dir, toy_dataset_path,
                                                                      toy_ref_server):
     common = dict(beta=0.04, ref_server_url=[toy_ref_server.url], max_steps=2, save_steps=2, max_staleness=1,
@@ -461,6 +367,7 @@ def test_generation_worker_feeds_a_trainer_through_the_server_queue(tmp_path, to
     assert stats["acknowledged"] >= 2, stats  # the trainer acknowledged what it trained on
 
 
+@pytest.mark.e2e
 def test_sigterm_finishes_the_step_saves_and_exits_cleanly(tmp_path, toy_model_dir, toy_dataset_path):
     argv = toy_config(tmp_path, toy_model_dir, toy_dataset_path, max_steps=1000, save_steps=1000)
     proc = subprocess.Popen(trainer_command(argv), cwd=REPO, env=subprocess_env(), stdout=subprocess.PIPE,

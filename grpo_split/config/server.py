@@ -2,7 +2,6 @@
 
     python ref_server.py --config configs/ref_server.yaml --port 8000
 
-Also the project's one default port: the server listens on it and the trainer's default URL points at it.
 """
 
 from __future__ import annotations
@@ -11,9 +10,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Literal
 
-DEFAULT_PORT = 59875
-# The environment variable the server reads its bearer token from when --auth_token is not given.
-TOKEN_ENV = "REF_SERVER_TOKEN"
+from grpo_split.contract import DEFAULT_PORT, TOKEN_ENV
+
 # The longest lease GET /get grants. A trainer step never comes close to a day; the cap turns a unit
 # slip (milliseconds sent as seconds) or an infinite lease into a 400 instead of a batch that a dead
 # trainer holds, undelivered, for the life of the server.

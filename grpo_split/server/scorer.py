@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from grpo_split.contract.batch import Batch
-from grpo_split.modeling import lm_head_plan, reference_logps
+from grpo_split.modeling import frozen_logps, lm_head_plan
 
 # The server's log lines keep the name they have always had, whichever module writes them.
 log = logging.getLogger("ref_server")
@@ -82,7 +82,7 @@ class ReferenceScorer:
         self.model = model
         self.max_batch_tokens = max_batch_tokens
         self._compute = compute or (
-            lambda ids, mask, p, temp: reference_logps(self.model, ids, mask, p, temp, max_batch_tokens)
+            lambda ids, mask, p, temp: frozen_logps(self.model, ids, mask, p, temp, max_batch_tokens)
         )
         self._waiting: collections.deque[_Request] = collections.deque()
         self._cond = threading.Condition()

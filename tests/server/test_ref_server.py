@@ -14,7 +14,7 @@ from helpers import malformed_bodies
 
 from grpo_split.contract.batch import FORMAT_VERSION, Batch, decode_batch, encode_batch
 from grpo_split.contract.client import RefServerClient, RefServerError
-from grpo_split.modeling import reference_logps
+from grpo_split.modeling import frozen_logps
 
 
 def make_batch(batch_size=3, prompt_length=5, completion_length=7, seed=0, left_pad=(), **fields) -> Batch:
@@ -50,7 +50,7 @@ def test_health_reports_model_and_format(client, ref_server, tiny_model_dir):
 def test_logps_equal_in_process_computation(client, tiny_model):
     batch = make_batch(batch_size=4, left_pad=(1, 3), temperature=0.7)
     served = client.logps(batch)
-    local = reference_logps(tiny_model, batch.input_ids, batch.attention_mask, batch.prompt_length, 0.7)
+    local = frozen_logps(tiny_model, batch.input_ids, batch.attention_mask, batch.prompt_length, 0.7)
     assert served.shape == (4, 7) and served.dtype == torch.float32
     torch.testing.assert_close(served, local, atol=1e-5, rtol=0)
 
@@ -75,7 +75,7 @@ def test_concurrent_requests_of_different_shapes_are_each_answered_correctly(cli
     for t in threads:
         t.join()
     for i, b in enumerate(batches):
-        local = reference_logps(tiny_model, b.input_ids, b.attention_mask, b.prompt_length)
+        local = frozen_logps(tiny_model, b.input_ids, b.attention_mask, b.prompt_length)
         torch.testing.assert_close(results[i], local, atol=1e-5, rtol=0)
 
 
@@ -169,7 +169,7 @@ def test_malformed_bodies_get_4xx_with_a_message_and_leave_the_server_working(re
     stats = client.stats()
     assert sum(stats["errors"].values()) >= len(bodies)
     batch = make_batch(seed=42)
-    local = reference_logps(tiny_model, batch.input_ids, batch.attention_mask, batch.prompt_length)
+    local = frozen_logps(tiny_model, batch.input_ids, batch.attention_mask, batch.prompt_length)
     torch.testing.assert_close(client.logps(batch), local, atol=1e-5, rtol=0)
 
 

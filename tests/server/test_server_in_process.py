@@ -13,7 +13,7 @@ from helpers import LoopbackServer
 
 from grpo_split.config.server import ServerConfig
 from grpo_split.contract.batch import Batch, decode_batch, encode_batch
-from grpo_split.modeling import reference_logps
+from grpo_split.modeling import frozen_logps
 from grpo_split.server.app import ReferenceServerApp
 from grpo_split.server.queue import QueueFull, RolloutQueue
 from grpo_split.server.scorer import ReferenceScorer
@@ -76,7 +76,7 @@ def test_waiting_requests_are_coalesced_into_one_padded_forward(tiny_model):
         calls.append((tuple(ids.shape), prompt_length))
         if len(calls) == 1:
             release.wait(timeout=30)  # hold the worker so the next requests pile up
-        return reference_logps(tiny_model, ids, mask, prompt_length, temperature)
+        return frozen_logps(tiny_model, ids, mask, prompt_length, temperature)
 
     scorer = ReferenceScorer(tiny_model, max_batch_tokens=1000, compute=compute)
     batches = [make(1, 4, 4, 0), make(2, 3, 6, 1), make(3, 5, 2, 2), make(1, 2, 3, 3)]
@@ -103,7 +103,7 @@ def test_waiting_requests_are_coalesced_into_one_padded_forward(tiny_model):
     # and completions right-padded to 6.
     assert calls == [((1, 8), 4), ((6, 11), 5)]
     for i, b in enumerate(batches):
-        alone = reference_logps(tiny_model, b.input_ids, None, b.prompt_length)
+        alone = frozen_logps(tiny_model, b.input_ids, None, b.prompt_length)
         torch.testing.assert_close(results[i], alone, atol=1e-5, rtol=0)
 
 
@@ -113,7 +113,7 @@ def scorer_failing_on_two_rows(model) -> ReferenceScorer:
     def compute(ids, mask, prompt_length, temperature):
         if ids.shape[0] == 2:
             raise RuntimeError("CUDA out of memory (simulated)")
-        return reference_logps(model, ids, mask, prompt_length, temperature)
+        return frozen_logps(model, ids, mask, prompt_length, temperature)
 
     return ReferenceScorer(model, max_batch_tokens=1000, compute=compute)
 

@@ -1,0 +1,454 @@
+"""Loading causal LMs and computing per-token log-probs of completions with `stable_ops`.
+
+Shared by the reference server (frozen reference model) and the trainer (old and current
+policy log-probs), so both sides compute log-probs the same way.
+
+The fused LM head (`stable_ops.linear_logps`) needs to know how the model turns its final hidden
+states into logits. Rather than trusting a list of architectures, `lm_head_plan` checks the fused
+computation against the model's own `forward` once, at load, and falls back to the model's own
+logits when nothing it can express reproduces them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+from dataclasses import dataclass, replace
+
+import torch
+
+from grpo_split.config.parsing import ConfigError
+from stable_ops import linear_logps, log_softmax, per_token_logps
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+# Where `lm_head_plan` caches a model's plan: an attribute of the model object itself, so a plan
+# computed at load (before DeepSpeed ZeRO-3 partitions the weights) follows the model everywhere.
+_PLAN_ATTRIBUTE = "_grpo_lm_head_plan"
+# The probe: one row of this many fixed pseudo-random tokens. Long enough that attention mixes
+# positions, short enough to cost nothing next to loading a 7B model.
+_PROBE_LENGTH = 8
+_PROBE_SEED = 0
+# Raw logits of a random tiny model are a few units, where cap * tanh(z / cap) ~= z and a plain
+# head would pass for Gemma's soft-capped one. The second probe scales the final hidden states
+# until the transformed logits reach about this size, where every candidate transform differs
+# from the others by several nats.
+_AMPLIFIED_LOGIT = 64.0
+# Tolerance of the check, in units of the head dtype's epsilon times the logits' size: the model
+# rounds its logits once in the matmul and up to three more times in its transform (divide, tanh,
+# multiply), and a log-prob error is at most twice the largest logit error.
+_TOLERANCE_EPSILONS = 8.0
+
+
+def resolve_device(name: str) -> torch.device:
+    """`auto` -> cuda when present, else cpu; an explicit device that is not there is an error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} requested but CUDA is not available here; use --device cpu or auto")
+    return device
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """`auto` -> bfloat16 on a GPU that supports it, else float32 (CPU half-precision matmuls are slow)."""
+    if name == "auto":
+        if device.type == "cuda" and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float32
+    if name not in DTYPES:
+        raise ValueError(f"dtype must be one of auto, {', '.join(DTYPES)}; got {name!r}")
+    return DTYPES[name]
+
+
+class ModelLoadError(ConfigError):
+    """`from_pretrained` could not load the model or tokenizer named in the configuration."""
+
+
+def load_causal_lm(path: str, dtype: torch.dtype, *, gradient_checkpointing: bool = False):
+    """A causal LM through `from_pretrained`, as a user's model is loaded, with its LM-head plan.
+
+    The plan (`lm_head_plan`) is checked here, on the full weights as loaded: under DeepSpeed
+    ZeRO-3 they are partitioned placeholders later. The model stays where `from_pretrained` put it
+    (the CPU); the caller moves it. Raises ModelLoadError naming the path.
+    """
+    from transformers import AutoModelForCausalLM  # heavy import, kept out of module import time
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    except OSError as exc:
+        raise ModelLoadError(
+            f"model_name_or_path={path!r} could not be loaded: {exc}. Pass a local model directory (config.json + "
+            "weights) or a hub name this machine can download"
+        ) from exc
+    if gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+        model.config.use_cache = False
+    lm_head_plan(model)
+    return model
+
+
+def load_frozen_model(path: str, device: torch.device, dtype: torch.dtype):
+    """`load_causal_lm` on `device`, in eval mode with gradients off (the reference model, a worker's policy)."""
+    model = load_causal_lm(path, dtype)
+    model.to(device).eval().requires_grad_(False)
+    return model
+
+
+def load_tokenizer(path: str):
+    """The policy's tokenizer, with a chat template and a pad token, padding on the left (prompts)."""
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except OSError as exc:
+        raise ModelLoadError(f"model_name_or_path={path!r}: its tokenizer could not be loaded: {exc}") from exc
+    if tokenizer.chat_template is None:
+        raise ConfigError(f"model_name_or_path={path!r}: the tokenizer has no chat_template; GRPO prompts are "
+                          "chat-formatted, so use an instruct/chat model or add a template to tokenizer_config.json")
+    if tokenizer.pad_token_id is None:
+        # Padding positions are always masked out, so any id works; EOS is what most chat models use.
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"
+    return tokenizer
+
+
+def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """(B, T) 0/1 mask -> (B, T) positions counting only attended tokens.
+
+    With left padding, the first real token gets position 0, exactly as in the unpadded row, so
+    a padded row gets the same log-probs as the row alone.
+    """
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+# ---- the LM-head plan ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LMHeadPlan:
+    """How `completion_logps` turns a model's final hidden states into log-probs.
+
+    `fused`: `stable_ops.linear_logps` on the LM head's weight with the transform
+    `f(z) = softcap * tanh(logit_scale * z / softcap)` (or `logit_scale * z` when `softcap` is
+    None), where `z = hidden @ weight.T`; the (B, T, V) logits are never built. Not fused: the
+    model's own forward computes the logits and `stable_ops.per_token_logps` reads them in chunks.
+    `reason` is one line for the logs: what was verified, or why the fused head is not used.
+    """
+
+    fused: bool
+    logit_scale: float = 1.0
+    softcap: float | None = None
+    reason: str = ""
+
+    def transform(self) -> str:
+        """The logits as a formula of the raw head output z, e.g. `30 * tanh(z / 30)`."""
+        scaled = "z" if self.logit_scale == 1.0 else f"{self.logit_scale:g} * z"
+        return scaled if self.softcap is None else f"{self.softcap:g} * tanh({scaled} / {self.softcap:g})"
+
+
+def lm_head_plan(model) -> LMHeadPlan:
+    """The model's `LMHeadPlan`, computed on the first call and cached on the model object.
+
+    Call it right after loading, before DeepSpeed ZeRO-3 partitions the weights: the check runs
+    a few forwards of one short sequence, which under ZeRO-3 would have to happen on every rank
+    at once. Later calls (and `completion_logps`) reuse the cached plan.
+    """
+    plan = getattr(model, _PLAN_ATTRIBUTE, None)
+    if plan is None:
+        plan = _build_lm_head_plan(model)
+        setattr(model, _PLAN_ATTRIBUTE, plan)
+        # The fallback is correct but slower and needs B x T x V memory: worth a warning, once per model.
+        # The fused plan is only logged at debug level; entry points log whichever plan they run with.
+        log.log(logging.DEBUG if plan.fused else logging.WARNING, "LM head plan: %s", plan.reason)
+    return plan
+
+
+def _fallback(reason: str) -> LMHeadPlan:
+    return LMHeadPlan(fused=False, reason=f"full logits through the model's own forward: {reason}")
+
+
+def _positive_config_number(config, name: str) -> float | None:
+    """`config.<name>` as a float when it is a finite number > 0 (the only values a transform can use), else None."""
+    value = getattr(config, name, None)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    return float(value) if math.isfinite(value) and value > 0 else None
+
+
+def _config_transform(config) -> tuple[float, float | None, str]:
+    """(logit_scale, softcap) that the config's known attributes announce, and the attributes as text.
+
+    `logit_scale` multiplies the logits (Cohere), `logits_scaling` divides them (Granite),
+    `final_logit_softcapping` caps them (Gemma 2/3). Composite configs keep these on the text model.
+    """
+    if hasattr(config, "get_text_config"):
+        config = config.get_text_config()
+    scale, announced = 1.0, []
+    multiplier = _positive_config_number(config, "logit_scale")
+    if multiplier is not None:
+        scale *= multiplier
+        announced.append(f"logit_scale={multiplier:g}")
+    divisor = _positive_config_number(config, "logits_scaling")
+    if divisor is not None:
+        scale /= divisor
+        announced.append(f"logits_scaling={divisor:g}")
+    softcap = _positive_config_number(config, "final_logit_softcapping")
+    if softcap is not None:
+        announced.append(f"final_logit_softcapping={softcap:g}")
+    return scale, softcap, ", ".join(announced) or "none"
+
+
+def _candidates(scale: float, softcap: float | None) -> list[tuple[float, float | None]]:
+    """(logit_scale, softcap) pairs to try, the config's own reading first, the plain head last.
+
+    The scale applied before the cap is what Gemma-style code does; a cap applied before the
+    scale, `s * c * tanh(z / c)`, is `linear_logps` with softcap `s * c`. The partial readings
+    cover a config that announces an attribute its model's forward does not apply.
+    """
+    pairs = [(scale, softcap)]
+    if softcap is not None:
+        pairs += [(scale, scale * softcap), (scale, None), (1.0, softcap)]
+    pairs.append((1.0, None))
+    return list(dict.fromkeys(pairs))  # without repeats, in order
+
+
+@contextlib.contextmanager
+def _eval_mode(model):
+    """Eval mode (no dropout, so two forwards agree) for the block, then each module's own mode back."""
+    modes = [(module, module.training) for module in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for module, training in modes:
+            module.training = training
+
+
+@contextlib.contextmanager
+def _scaled_final_hidden(model, factor: float):
+    """Within the block, the base model's last hidden state comes out multiplied by `factor`.
+
+    A forward hook, so the model's own forward and `_final_hidden` both see the scaled states.
+    """
+
+    def hook(module, args, output):
+        if isinstance(output, tuple):  # return_dict=False
+            return (output[0] * factor, *output[1:])
+        output.last_hidden_state = output.last_hidden_state * factor  # a ModelOutput keeps [0] in step
+        return output
+
+    handle = model.base_model.register_forward_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def _final_hidden(model, input_ids, attention_mask, position_ids) -> torch.Tensor | None:
+    """(B, T, H) final hidden states (after the final norm) from the base model, or None if it gives none."""
+    out = model.base_model(
+        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+    )
+    if isinstance(out, tuple):
+        return out[0]
+    return getattr(out, "last_hidden_state", None)
+
+
+def _model_logits(model, input_ids, attention_mask, position_ids) -> torch.Tensor:
+    """(B, T, V) logits from the model's own forward: the ground truth every plan is held to."""
+    return model(
+        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+    ).logits
+
+
+def _tolerance(dtype: torch.dtype, device: torch.device, logit_size: float) -> float:
+    """Largest log-prob difference (nats) that rounding alone explains at logits of `logit_size`."""
+    eps = torch.finfo(dtype).eps
+    if dtype == torch.float32 and device.type != "cpu":
+        eps = 2.0**-10  # GPU float32 matmuls may run in TF32 (10-bit mantissa)
+    return _TOLERANCE_EPSILONS * eps * (1.0 + logit_size) + 1e-5
+
+
+def _build_lm_head_plan(model) -> LMHeadPlan:
+    head = model.get_output_embeddings()
+    if not isinstance(head, torch.nn.Linear):
+        return _fallback(f"the output embedding is a {type(head).__name__}, not a torch.nn.Linear")
+    if head.bias is not None:
+        return _fallback("the LM head has a bias, which the fused head (linear_logps) does not take")
+    if model.base_model is model:
+        return _fallback(f"{type(model).__name__} has no base model to take final hidden states from")
+    scale, softcap, announced = _config_transform(model.config)
+    with _eval_mode(model), torch.no_grad():
+        probes = _probe(model, head, scale, softcap)
+        if probes is None:
+            return _fallback(f"{type(model.base_model).__name__} returns no last_hidden_state")
+        tried = []
+        for logit_scale, cap in _candidates(scale, softcap):
+            candidate = LMHeadPlan(fused=True, logit_scale=logit_scale, softcap=cap)
+            checks = [_check(head, hidden, logits, labels, candidate) for hidden, logits, labels in probes]
+            if all(error <= tolerance for error, _, tolerance in checks):
+                (e1, s1, _), (e2, s2, _) = checks
+                return replace(candidate, reason=(
+                    f"fused LM head, logits = {candidate.transform()} (config: {announced}); matches the model's "
+                    f"own log-probs to {e1:.1e} nats at logits up to {s1:.3g} and {e2:.1e} at logits up to {s2:.3g}"
+                ))
+            tried.append(f"{candidate.transform()}: off by {max(error for error, _, _ in checks):.3g} nats")
+    return _fallback(
+        f"no transform linear_logps can express reproduces the model's own log-probs (config: {announced}; "
+        + "; ".join(tried) + ")"
+    )
+
+
+def _probe(model, head, scale: float, softcap: float | None):
+    """[(hidden (1, L, H), the model's own logits (1, L, V), labels (4, L))] at natural and amplified scale.
+
+    None when the base model gives no final hidden states. The labels at each position are the most
+    and least likely tokens (where a wrong transform shows most) and two fixed random ones.
+    """
+    embeddings = model.get_input_embeddings()
+    vocab = min(head.out_features, getattr(embeddings, "num_embeddings", head.out_features))
+    device = head.weight.device
+    gen = torch.Generator().manual_seed(_PROBE_SEED)
+    ids = torch.randint(0, vocab, (1, _PROBE_LENGTH), generator=gen).to(device)  # (1, L)
+    mask = torch.ones_like(ids)
+    positions = position_ids_from_mask(mask)
+    hidden = _final_hidden(model, ids, mask, positions)  # (1, L, H)
+    if hidden is None:
+        return None
+    factor = _amplification(head(hidden).abs().max().item(), scale, softcap)
+    runs = [(hidden, _model_logits(model, ids, mask, positions))]
+    with _scaled_final_hidden(model, factor):
+        runs.append((_final_hidden(model, ids, mask, positions), _model_logits(model, ids, mask, positions)))
+    probes = []
+    for hidden, logits in runs:
+        labels = torch.cat([
+            logits.argmax(-1), logits.argmin(-1),
+            torch.randint(0, head.out_features, (2, _PROBE_LENGTH), generator=gen).to(device),
+        ])  # (4, L)
+        probes.append((hidden, logits, labels))
+    return probes
+
+
+def _amplification(raw_size: float, scale: float, softcap: float | None) -> float:
+    """Factor for the final hidden states that brings raw logits of `raw_size` to where the
+    transformed logits reach `_AMPLIFIED_LOGIT` and a cap's tanh saturates (scale * z / cap >= 2).
+
+    A power of two, so scaling the hidden states adds no rounding of its own; never below 1.
+    """
+    if not raw_size > 0:
+        return 1.0
+    target = max(_AMPLIFIED_LOGIT, 2.0 * (softcap or 0.0)) / scale
+    return 2.0 ** max(0, round(math.log2(target / raw_size)))
+
+
+def _check(head, hidden, logits, labels, candidate: LMHeadPlan) -> tuple[float, float, float]:
+    """(largest |fused - model's own| log-prob in nats at `labels` (K, L), largest |logit|, tolerance).
+
+    `hidden` (1, L, H) are the base model's final states, `logits` (1, L, V) the model's own from the same input.
+    """
+    count = labels.shape[0]
+    fused = _head_logps(head, hidden.expand(count, -1, -1), labels, 1.0, candidate)  # (K, L)
+    own = log_softmax(logits[0].double()).gather(1, labels.t()).t()  # (L, V) -> (L, K) -> (K, L), float64
+    size = logits.abs().max().item()
+    return (fused.double() - own).abs().max().item(), size, _tolerance(head.weight.dtype, head.weight.device, size)
+
+
+# ---- completion log-probs ---------------------------------------------------------------------
+
+
+def completion_logps(
+    model,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    prompt_length: int,
+    temperature: float = 1.0,
+    head: LMHeadPlan | None = None,
+) -> torch.Tensor:
+    """(B, T) prompt + completion ids -> (B, T - P) log-probs of the completion tokens, float32.
+
+    Equals `log_softmax(model(...).logits[:, P-1:-1] / temperature).gather(completion ids)`, with
+    position ids counted from the attention mask. `head` is the model's `LMHeadPlan` (default:
+    `lm_head_plan(model)`, computed once and cached): fused, the final hidden states go through
+    `stable_ops.linear_logps` with the head's verified transform, so a 152k vocabulary never needs
+    B x T x V memory; otherwise the model's own logits go through `stable_ops.per_token_logps`.
+    Gradients flow when the caller has them enabled.
+    """
+    if input_ids.dim() != 2:
+        raise ValueError(f"completion_logps: input_ids must be (B, T), got shape {tuple(input_ids.shape)}")
+    if not 0 < prompt_length < input_ids.shape[1]:
+        raise ValueError(
+            f"completion_logps: prompt_length must be in [1, {input_ids.shape[1] - 1}] for sequences of "
+            f"{input_ids.shape[1]} tokens (at least one prompt and one completion token), got {prompt_length}"
+        )
+    if head is None:
+        head = lm_head_plan(model)
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    labels = input_ids[:, prompt_length:]  # (B, C)
+    position_ids = position_ids_from_mask(attention_mask)
+    if head.fused:
+        hidden = _final_hidden(model, input_ids, attention_mask, position_ids)  # (B, T, H)
+        # The state at position t predicts token t + 1: completion tokens P..T-1 come from P-1..T-2.
+        hidden = hidden[:, prompt_length - 1 : -1]  # (B, C, H)
+        return _head_logps(model.get_output_embeddings(), hidden, labels, temperature, head)
+    logits = _model_logits(model, input_ids, attention_mask, position_ids)  # (B, T, V)
+    return per_token_logps(logits[:, prompt_length - 1 : -1], labels, temperature)
+
+
+def _head_logps(
+    head: torch.nn.Linear, hidden: torch.Tensor, labels: torch.Tensor, temperature: float, plan: LMHeadPlan
+) -> torch.Tensor:
+    """`linear_logps` with the head's weight and the plan's transform; (B, C, H) -> (B, C).
+
+    Under DeepSpeed ZeRO-3 the weight is a partitioned placeholder except while its own module runs
+    (ZeRO-3 gathers a module's parameters in its forward hooks and again before its backward), so the
+    fused computation is run *as* the head's forward: the hooks gather the full weight for it and for
+    its backward, exactly as they would for the plain Linear, and the logits are still never built.
+    Tied embeddings need nothing special: the head's weight is the embedding's parameter.
+    """
+
+    def fused_forward(states: torch.Tensor) -> torch.Tensor:
+        return linear_logps(
+            states.to(head.weight.dtype), head.weight, labels, temperature,
+            logit_scale=plan.logit_scale, softcap=plan.softcap,
+        )
+
+    if not hasattr(head.weight, "ds_id"):  # not partitioned: call directly, no hook machinery
+        return fused_forward(hidden)
+    head.forward = fused_forward
+    try:
+        return head(hidden)
+    finally:
+        del head.forward  # back to the class's Linear.forward
+
+
+def row_chunks(num_rows: int, row_length: int, max_tokens: int) -> list[slice]:
+    """Split rows into consecutive slices of at most `max_tokens` tokens each (at least one row each)."""
+    rows = max(1, max_tokens // max(row_length, 1))
+    return [slice(i, min(i + rows, num_rows)) for i in range(0, num_rows, rows)]
+
+
+@torch.inference_mode()
+def frozen_logps(
+    model,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    prompt_length: int,
+    temperature: float = 1.0,
+    max_batch_tokens: int = 1 << 16,
+) -> torch.Tensor:
+    """Completion log-probs of a model without gradients, (B, T - P) float32 on the CPU, in micro-batches
+    of `max_batch_tokens`: the reference server's reference log-probs and a worker's sampling-policy
+    (old) log-probs alike."""
+    device = next(model.parameters()).device
+    head = lm_head_plan(model)
+    outputs = []
+    for rows in row_chunks(input_ids.shape[0], input_ids.shape[1], max_batch_tokens):
+        mask = None if attention_mask is None else attention_mask[rows].to(device)
+        out = completion_logps(model, input_ids[rows].to(device), mask, prompt_length, temperature, head)
+        outputs.append(out.float().cpu())
+    return torch.cat(outputs)  # (B, C)

@@ -1,0 +1,1 @@
+"""The generation worker (`loop`): rollouts from the newest policy snapshot, uploaded to the server's queue."""
