@@ -362,6 +362,10 @@ def test_generation_worker_feeds_a_trainer_through_the_server_queue(tmp_path, to
     metrics = read_metrics(tmp_path / "out" / "metrics.jsonl")
     assert [m["step"] for m in metrics] == [1, 2]
     assert all(math.isfinite(m["kl"]) and math.isfinite(m["loss"]) for m in metrics)
+    # Per-function rewards travel with the worker's batch, so a worker-fed run logs them like a local one.
+    for line in metrics:
+        for name in ("length_reward", "answer_format_reward"):
+            assert math.isfinite(line[f"rewards/{name}/mean"]), (name, line)
     assert (tmp_path / "out" / "policy-2" / "model.safetensors").is_file()  # what workers reload
     stats = requests.get(f"{toy_ref_server.url}/stats", timeout=30).json()
     assert stats["acknowledged"] >= 2, stats  # the trainer acknowledged what it trained on

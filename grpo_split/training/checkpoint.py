@@ -8,7 +8,7 @@ output_dir/
     config.json, model.safetensors, tokenizer files   Hugging Face format: from_pretrained(dir) works
     deepspeed/                engine state: ZeRO-partitioned optimizer, scheduler, module
     rng_state_rank<r>.safetensors
-    trainer_state.json        written last: step, prompt order, counters
+    trainer_state.json        written last: step, counters, the rollout source's state (prompt order)
   policy-<version>/           newest policy weights for generation workers (rollout_source: server)
   training_done.json          written when training ends; generation workers exit when they see it
 ```

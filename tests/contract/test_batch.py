@@ -115,6 +115,26 @@ def test_batches_from_senders_without_scored_decode_as_all_scored():
     assert_same_batch(decoded, dataclasses.replace(full_batch(), scored=None))
 
 
+def test_per_function_rewards_round_trip_with_nan_for_none():
+    per_func = torch.tensor([[1.0, float("nan")], [0.0, 0.5], [float("nan"), float("nan")], [2.0, -1.0]])
+    batch = dataclasses.replace(full_batch(), reward_per_func=per_func)
+    decoded = decode_batch(encode_batch(batch), require_rollout=True)
+    assert torch.equal(bits(decoded.reward_per_func), bits(per_func))  # NaN where a function returned None
+    assert decode_batch(encode_batch(full_batch())).reward_per_func is None  # optional, as for older senders
+
+
+@pytest.mark.parametrize("bad, message", [
+    (torch.zeros(B), "shape must be"),
+    (torch.zeros(B + 1, 2), "shape must be"),
+    (torch.zeros(B, 0), "shape must be"),
+    (torch.zeros(B, 2, dtype=torch.float64), "dtype must be float32"),
+    (torch.tensor([[float("inf"), 0.0]] * B), "finite or NaN"),
+])
+def test_per_function_rewards_are_validated(bad, message):
+    with pytest.raises(WireFormatError, match=message):
+        validate_batch(dataclasses.replace(full_batch(), reward_per_func=bad))
+
+
 def test_ids_travel_as_int32_when_they_fit_and_int64_otherwise():
     body = encode_batch(full_batch())
     wire = safetensors.torch.load(body)

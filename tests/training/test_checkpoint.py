@@ -47,3 +47,18 @@ def test_rng_state_round_trip(tmp_path):
     assert ckpt.load_rng_state(tmp_path, rank=0)
     assert torch.equal(torch.rand(3), expected)
     assert not ckpt.load_rng_state(tmp_path, rank=1)
+
+
+def test_atomic_writes_keep_permissions_and_leave_no_temporary_file(tmp_path):
+    import json
+    import os
+    import stat
+
+    path = tmp_path / "state.json"
+    ckpt.write_json_atomic(path, {"step": 1})
+    assert json.loads(path.read_text()) == {"step": 1}
+    assert stat.S_IMODE(path.stat().st_mode) == ckpt.NEW_FILE_MODE  # readable by a shared filesystem's users
+    os.chmod(path, 0o600)
+    ckpt.write_text_atomic(path, "replaced")
+    assert path.read_text() == "replaced" and stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["state.json"]
