@@ -72,10 +72,10 @@ def run_worker(config: RunConfig) -> int:
                 # The sampling policy's log-probs, for the trainer's importance ratio.
                 batch.old_logps = frozen_logps(model, batch.input_ids, batch.attention_mask, batch.prompt_length,
                                                   batch.temperature)
-                client.upload(batch, max_wait=server.rollout_wait)
+                answer = client.upload(batch, max_wait=server.rollout_wait)
                 uploaded += 1
                 print(f"uploaded batch {uploaded} (policy version {version}, reward "
-                      f"{rollouts.rewards.nanmean():.3f})", flush=True)
+                      f"{rollouts.rewards.nanmean():.3f}, queued as {answer.get('batch_id')})", flush=True)
     finally:
         stop.restore()
     return 0
