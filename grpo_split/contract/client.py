@@ -7,9 +7,12 @@ answers, the error says which URL was tried and the command that starts the serv
 same situation into "waiting for batch..." forever.
 
 With several server URLs the client spreads calls round robin and fails over to the next URL on a
-connection error. A URL that refused a connection is tried last for `max_backoff` seconds, so a dead
-remote machine does not cost a connect timeout on every other call. Acks go to the server that leased
-the batch, since batch ids are local to one server's queue.
+connection error or a read timeout (a hung server). Such a URL is marked down: it is tried last for
+`max_backoff` seconds, and before it gets a real request again it must answer a short GET /health
+(`probe_timeout`), so a dead or hung remote machine costs neither a connect timeout nor the full read
+timeout on every other call. An upload that timed out is not resent elsewhere (the hung server may
+have queued it); it raises TimeoutError. Acks go to the server that leased the batch, since batch ids
+are local to one server's queue.
 
 One client per thread: `requests.Session` is not documented as thread-safe.
 
@@ -21,6 +24,8 @@ One client per thread: `requests.Session` is not documented as thread-safe.
 from __future__ import annotations
 
 import itertools
+import json
+import math
 import os
 import time
 from collections import OrderedDict
@@ -43,6 +48,13 @@ READY_POLL_SLEEP = 0.25
 # Bounded because a worker that never acks must not grow the client without limit.
 MAX_REMEMBERED_LEASES = 4096
 BATCH_CONTENT_TYPE = "application/octet-stream"
+# The response header of GET /get naming the lease that an ack or dead letter of the batch must carry.
+LEASE_HEADER = "X-Lease-Id"
+# The longest Retry-After we honour: "inf" or 1e300 would otherwise overflow time.sleep.
+MAX_RETRY_AFTER = 3600.0
+# A URL marked down (refused, or left a request unanswered) is sent a GET /health with this read
+# timeout before it gets a real request again, so a hung server costs this, not the full timeout.
+HEALTH_PROBE_TIMEOUT = 2.0
 
 
 # Polling an empty queue (GET /get answers 204): fast at first, because a batch is usually on its
@@ -117,7 +129,9 @@ def _retry_after(response: requests.Response) -> float | None:
         seconds = float(value)
     except ValueError:
         return None
-    return max(seconds, 0.0)
+    if math.isnan(seconds):  # float() accepts "nan", and time.sleep(nan) raises
+        return None
+    return min(max(seconds, 0.0), MAX_RETRY_AFTER)
 
 
 def _error_message(response: requests.Response) -> str:
@@ -145,12 +159,14 @@ class RefServerClient:
         max_retries: int = 5,
         backoff: float = 0.5,
         max_backoff: float = 10.0,
+        probe_timeout: float = HEALTH_PROBE_TIMEOUT,
     ):
         self.urls = _normalize_urls(urls)
         if max_retries < 1:
             raise ValueError(f"max_retries is the number of attempts per call and must be >= 1, got {max_retries}")
-        if timeout <= 0 or connect_timeout <= 0:
-            raise ValueError(f"timeouts must be > 0, got timeout={timeout}, connect_timeout={connect_timeout}")
+        if timeout <= 0 or connect_timeout <= 0 or probe_timeout <= 0:
+            raise ValueError(f"timeouts must be > 0, got timeout={timeout}, connect_timeout={connect_timeout}, "
+                             f"probe_timeout={probe_timeout}")
         if backoff < 0 or max_backoff < 0:
             raise ValueError(f"backoff and max_backoff must be >= 0, got {backoff} and {max_backoff}")
         self.timeout = timeout
@@ -158,12 +174,14 @@ class RefServerClient:
         self.max_retries = max_retries
         self.backoff = backoff
         self.max_backoff = max_backoff
+        self.probe_timeout = min(probe_timeout, timeout)
         self.token = token if token is not None else (os.environ.get(TOKEN_ENV) or None)
         self._session = requests.Session()
         if self.token:
             self._session.headers["Authorization"] = f"Bearer {self.token}"
         self._turn = itertools.count()
         self._down_until: dict[str, float] = {}
+        self._suspect: set[str] = set()  # marked down and not yet seen answering /health again
         self._leases: OrderedDict[str, str] = OrderedDict()
 
     def __repr__(self) -> str:
@@ -216,7 +234,7 @@ class RefServerClient:
                     last_exc, last_problem = exc, f"{url}: {type(exc).__name__}"
                     continue
                 if response.status_code == 200:
-                    self._down_until.pop(url, None)
+                    self._mark_up(url)
                     return self._json(response, url, "/health")
                 last_problem = f"{url}/health answered HTTP {response.status_code}: {_error_message(response)}"
             remaining = deadline - time.monotonic()
@@ -265,7 +283,7 @@ class RefServerClient:
         deadline = start + max_wait
         busy = 0
         while True:
-            url, response = self._request("POST", "/upload", data=body, retry_busy=False)
+            url, response = self._request("POST", "/upload", data=body, retry_busy=False, resend_on_timeout=False)
             if response.status_code != 503:
                 return self._json(response, url, "/upload")
             remaining = deadline - time.monotonic()
@@ -283,7 +301,8 @@ class RefServerClient:
             busy += 1
 
     def get(self, *, lease_seconds: float | None = None) -> Batch | None:
-        """GET /get: a scored batch (with `batch_id` set, to ack once used) or None when none is ready.
+        """GET /get: a scored batch or None when none is ready. The batch's `batch_id` and `lease` (the
+        server's X-Lease-Id) are what `ack` or `dead_letter` of it must name.
 
         With `lease_seconds`, the server hands the batch out again if it is not acked in time.
         """
@@ -292,23 +311,42 @@ class RefServerClient:
         if response.status_code == 204:
             return None
         batch = decode_batch(response.content)
-        if batch.batch_id is not None:
-            self._leases[batch.batch_id] = url
-            while len(self._leases) > MAX_REMEMBERED_LEASES:
-                self._leases.popitem(last=False)
+        batch.lease = response.headers.get(LEASE_HEADER)
+        if batch.batch_id is None or not batch.lease:
+            raise RefServerError(
+                response.status_code, f"GET /get answered a batch without a batch_id or {LEASE_HEADER} header; is "
+                "the server running the same version as this client?", url=url, path="/get",
+            )
+        self._leases[batch.batch_id] = url
+        while len(self._leases) > MAX_REMEMBERED_LEASES:
+            self._leases.popitem(last=False)
         return batch
 
-    def ack(self, batch_id: str) -> None:
-        """POST /ack/<batch_id>: the batch is consumed. RefServerError (404) when the server does not know the id.
+    def ack(self, batch_id: str, lease: str) -> None:
+        """POST /ack/<batch_id>?lease=<lease>: the batch is consumed. RefServerError 409 when `lease` no
+        longer holds it (it ran out and the batch went to another consumer, or it was dead-lettered),
+        404 when the server does not know the id (e.g. it restarted without --queue_dir).
 
         Sent to the server that leased the batch (no failover: another server cannot know the id).
         """
+        self._settle("/ack/", batch_id, lease, params={"lease": lease})
+
+    def dead_letter(self, batch_id: str, lease: str, reason: str) -> None:
+        """POST /dead/<batch_id>: settle a leased batch this consumer cannot use as a dead letter with
+        `reason` (shown in the server's /stats and log); never delivered again. Errors as for `ack`."""
+        if not isinstance(reason, str) or not reason.strip():
+            raise ValueError("dead_letter needs a reason: say why the batch cannot be used")
+        self._settle("/dead/", batch_id, lease, data=json.dumps({"lease": lease, "reason": reason}).encode())
+
+    def _settle(self, path: str, batch_id: str, lease: str, **request) -> None:
         if not isinstance(batch_id, str) or not batch_id:
-            raise ValueError(f"ack needs the batch_id string of a batch from get(), got {batch_id!r}")
+            raise ValueError(f"settling a batch needs the batch_id string of a batch from get(), got {batch_id!r}")
+        if not isinstance(lease, str) or not lease:
+            raise ValueError(f"settling batch {batch_id} needs the lease string of the batch from get(), got {lease!r}")
         leased_from = self._leases.get(batch_id)
         urls = [leased_from] if leased_from is not None else None
-        self._request("POST", "/ack/" + quote(batch_id, safe=""), urls=urls)
-        # Forgotten only once acked, so a retry after a connection error still reaches the leasing server.
+        self._request("POST", path + quote(batch_id, safe=""), urls=urls, **request)
+        # Forgotten only once settled, so a retry after a connection error still reaches the leasing server.
         self._leases.pop(batch_id, None)
 
     # ------------------------------------------------------------------ internals
@@ -332,13 +370,16 @@ class RefServerClient:
         params: dict | None = None,
         urls: list[str] | None = None,
         retry_busy: bool = True,
+        resend_on_timeout: bool = True,
     ) -> tuple[str, requests.Response]:
         """Send one request with failover and retries; return (base URL that answered, 2xx response).
 
         Connection errors move to the next URL (sleeping with exponential backoff once every URL has
         failed); 503 is retried after `Retry-After` (capped at max_backoff) when `retry_busy`, else
-        returned to the caller. 4xx and 500 raise RefServerError at once. A read timeout raises
-        TimeoutError at once: the server took the request, and resending it would double the wait.
+        returned to the caller. 4xx and 500 raise RefServerError at once. A read timeout marks the
+        URL down and moves to another URL when there is one and `resend_on_timeout`; otherwise it
+        raises TimeoutError (resending to the same server would double the wait). A URL marked down
+        must answer a GET /health within `probe_timeout` before it is sent the request.
         """
         candidates = urls if urls is not None else self._candidates()
         headers = {"Content-Type": BATCH_CONTENT_TYPE} if data is not None else None
@@ -348,6 +389,14 @@ class RefServerClient:
         failures = 0
         for attempt in range(self.max_retries):
             url = candidates[attempt % len(candidates)]
+            if url in self._suspect:
+                probe_failure = self._probe(url)
+                if probe_failure is not None:
+                    last_exc, busy = probe_failure, None
+                    failures += 1
+                    if attempt + 1 < self.max_retries and failures % len(candidates) == 0:
+                        time.sleep(self._backoff_delay(failures // len(candidates) - 1))
+                    continue
             try:
                 response = self._session.request(
                     method,
@@ -359,17 +408,24 @@ class RefServerClient:
                 )
             except requests.ConnectionError as exc:  # includes ConnectTimeout
                 last_exc, busy = exc, None
-                self._down_until[url] = time.monotonic() + self.max_backoff
+                self._mark_down(url)
                 failures += 1
                 if attempt + 1 < self.max_retries and failures % len(candidates) == 0:
                     time.sleep(self._backoff_delay(failures // len(candidates) - 1))
                 continue
             except requests.Timeout as exc:  # a read timeout: connected, but no answer in time
-                raise TimeoutError(
-                    f"reference server {url}{path} did not answer within timeout={self.timeout:g} s — it may be "
-                    "overloaded or stuck; check its log, or raise the client's timeout"
-                ) from exc
-            self._down_until.pop(url, None)
+                # Down like a refused connection: the next calls go elsewhere, and this URL is probed
+                # with a short /health before it gets a request again.
+                self._mark_down(url)
+                if not resend_on_timeout or len(set(candidates)) == 1 or attempt + 1 == self.max_retries:
+                    raise TimeoutError(
+                        f"reference server {url}{path} did not answer within timeout={self.timeout:g} s — it may be "
+                        "overloaded or stuck; check its log, or raise the client's timeout"
+                    ) from exc
+                last_exc, busy = exc, None
+                failures += 1
+                continue
+            self._mark_up(url)
             if response.status_code == 503:
                 if not retry_busy:
                     return url, response
@@ -388,9 +444,30 @@ class RefServerClient:
             raise RefServerError(503, message, url=url, path=path)
         tried = ", ".join(dict.fromkeys(candidates))
         raise ConnectionError(
-            f"no reference server at {tried} (tried {self.max_retries} times over {time.monotonic() - start:.1f} s) "
-            f"— start it with: {_start_command(candidates[0])}"
+            f"no reference server at {tried} (tried {self.max_retries} times over {time.monotonic() - start:.1f} s, "
+            f"last: {type(last_exc).__name__}) — start it with: {_start_command(candidates[0])}"
         ) from last_exc
+
+    def _mark_down(self, url: str) -> None:
+        self._down_until[url] = time.monotonic() + self.max_backoff
+        self._suspect.add(url)
+
+    def _mark_up(self, url: str) -> None:
+        self._down_until.pop(url, None)
+        self._suspect.discard(url)
+
+    def _probe(self, url: str) -> Exception | None:
+        """GET /health on a URL marked down, with a short read timeout; None when it answered 200."""
+        try:
+            response = self._session.get(url + "/health", timeout=(self.connect_timeout, self.probe_timeout))
+        except requests.RequestException as exc:
+            self._mark_down(url)
+            return exc
+        if response.status_code != 200:
+            self._mark_down(url)
+            return requests.ConnectionError(f"{url}/health answered HTTP {response.status_code} to the probe")
+        self._mark_up(url)
+        return None
 
     def _json(self, response: requests.Response, url: str, path: str) -> dict:
         """The JSON object of a success response; anything else means the URL is not a reference server."""

@@ -425,3 +425,105 @@ def test_wait_ready_gives_up_after_its_timeout():
 def test_malformed_urls_are_rejected_up_front(bad):
     with pytest.raises(ValueError, match="URL"):
         RefServerClient(bad)
+
+
+# ---------------------------------------------------------------------------- hostile or hung servers
+
+
+@pytest.mark.parametrize("retry_after", ["nan", "NaN", "inf", "-inf", "-5", "1e300"])
+def test_a_nonsense_retry_after_neither_crashes_nor_stalls_the_client(start_fake, retry_after):
+    fake, url = start_fake()
+    fake.upload_busy = fake.logps_busy = 1
+    fake.retry_after = retry_after
+    with fast_client(url) as client:
+        start = time.monotonic()
+        assert client.upload(make_batch(), max_wait=1.0) == {"queued": 1}
+        assert client.logps(make_batch()).shape == (B, T - P)  # max_backoff caps the wait here
+    assert time.monotonic() - start < 1.5 and fake.hits["upload"] == 2 and fake.hits["logps"] == 2
+
+
+class HungServer:
+    """A loopback port that accepts connections and never answers (a stuck process, a frozen machine)."""
+
+    def __init__(self):
+        self._listener = socket.socket()
+        self._listener.bind(("127.0.0.1", 0))
+        self._listener.listen(16)
+        self._listener.settimeout(0.05)
+        self.url = f"http://127.0.0.1:{self._listener.getsockname()[1]}"
+        self.accepted: list[socket.socket] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._accept, daemon=True)
+        self._thread.start()
+
+    def _accept(self):
+        while not self._stop.is_set():
+            try:
+                conn, _ = self._listener.accept()
+            except TimeoutError:
+                continue
+            self.accepted.append(conn)  # held open, never read from or written to
+
+    def close(self):
+        self._stop.set()
+        self._thread.join(timeout=5)
+        for conn in self.accepted:
+            conn.close()
+        self._listener.close()
+
+
+def test_failover_from_a_hung_url_costs_the_full_timeout_once_then_only_short_probes(start_fake, monkeypatch):
+    fake, live = start_fake()
+    hung = HungServer()
+    requested = []
+    send = requests.Session.request
+
+    def recording_send(session, method, url, *args, **kwargs):
+        requested.append(url)
+        return send(session, method, url, *args, **kwargs)
+
+    monkeypatch.setattr(requests.Session, "request", recording_send)
+    try:
+        with fast_client([hung.url, live], timeout=1.5, max_backoff=0.3, probe_timeout=0.2) as client:
+            start = time.monotonic()
+            assert client.logps(make_batch()).shape == (B, T - P)  # hung first: one full timeout, then live
+            first = time.monotonic() - start
+            durations = []
+            for _ in range(6):
+                time.sleep(0.1)  # past max_backoff every few calls: the hung URL is probed again
+                start = time.monotonic()
+                assert client.logps(make_batch()).shape == (B, T - P)
+                durations.append(time.monotonic() - start)
+    finally:
+        hung.close()
+    assert 1.5 <= first < 3
+    assert max(durations) < 1.0, durations  # never the full 1.5 s timeout again
+    assert fake.hits["logps"] == 7
+    to_hung = [u for u in requested if u.startswith(hung.url)]
+    assert to_hung[0] == hung.url + "/logps" and len(to_hung) >= 2
+    assert all(u == hung.url + "/health" for u in to_hung[1:]), to_hung  # only probes after the timeout
+
+
+def test_a_read_timeout_on_the_only_url_still_raises_and_the_next_call_probes_first(monkeypatch):
+    hung = HungServer()
+    try:
+        with fast_client(hung.url, timeout=0.5, probe_timeout=0.2, max_retries=2) as client:
+            with pytest.raises(TimeoutError, match="did not answer within"):
+                client.logps(make_batch())
+            start = time.monotonic()
+            with pytest.raises(ConnectionError, match="ReadTimeout"):
+                client.logps(make_batch())
+            assert time.monotonic() - start < 0.5 * 2  # two probes of 0.2 s, not two full timeouts
+    finally:
+        hung.close()
+
+
+def test_an_upload_that_timed_out_is_not_resent_to_another_server(start_fake):
+    fake, live = start_fake()
+    hung = HungServer()
+    try:
+        with fast_client([hung.url, live], timeout=0.5) as client, pytest.raises(TimeoutError):
+            client.upload(make_batch(), max_wait=5)
+    finally:
+        hung.close()
+    assert fake.hits["upload"] == 0  # the hung server may have queued it: a resend could duplicate it
