@@ -7,11 +7,15 @@
 Endpoints (batches are `grpo_split.contract.batch` bytes; everything else is JSON):
     POST /logps          a batch -> the same batch with `ref_logps` (B, T-P); concurrent requests are coalesced
     POST /upload         a generation worker's scored rollout batch -> 202 {queued}; 503 + Retry-After when full
-    GET  /get?lease=S    the oldest batch with reference log-probs and a `batch_id`; 204 when none is ready
-    POST /ack/<id>       settle a delivered batch; unacknowledged batches are delivered again after their lease
+    GET  /get?lease=S    the oldest batch with reference log-probs and a `batch_id`, leased under the id in its
+                         X-Lease-Id header; 204 when none is ready (HEAD /get: 200 or 204, leases nothing)
+    POST /ack/<id>?lease=L  settle a delivered batch; unacknowledged batches are delivered again after their lease,
+                         at most --max_deliveries times, then dead-lettered; 409 when lease L no longer holds it
+    POST /dead/<id>      {"lease": L, "reason": "..."}: a consumer settles a batch it cannot use as a dead letter
     GET  /health         status, model, vocab size, device, dtype, wire format (never needs the token)
     GET  /stats          queue depths, batches and tokens processed, tokens/s, errors by kind
-Errors are JSON `{"error": "..."}` with 400 (bad input), 401, 404, 411, 413, 503 (+ Retry-After) or 500.
+Errors are JSON `{"error": "..."}` with 400 (bad input), 401, 404, 409 (stale lease), 411, 413, 503 (+ Retry-After)
+or 500. With --queue_dir every accepted upload is on disk before its 202 (grpo_split/server/store.py).
 """
 
 from __future__ import annotations
@@ -23,13 +27,15 @@ import sys
 import threading
 
 import torch
-from waitress import create_server
 
 from grpo_split.config.parsing import config_to_yaml, parse_config
 from grpo_split.config.server import ServerConfig
 from grpo_split.modeling import lm_head_plan, load_frozen_model, resolve_device, resolve_dtype
 from grpo_split.server.app import ReferenceServerApp
+from grpo_split.server.http import create_http_server
+from grpo_split.server.queue import RolloutQueue
 from grpo_split.server.scorer import STOP_JOIN_SECONDS, ReferenceScorer
+from grpo_split.server.store import SqliteQueueStore
 
 log = logging.getLogger("ref_server")
 
@@ -52,13 +58,10 @@ def main(argv: list[str] | None = None) -> int:
 
     model, model_info = load_model(config)
     scorer = ReferenceScorer(model, config.max_batch_tokens)
-    server_app = ReferenceServerApp(scorer, config, model_info)
+    server_app = ReferenceServerApp(scorer, config, model_info, queue=make_queue(config))
     stop = threading.Event()
     upload_worker = server_app.start_upload_worker(stop)
-    server = create_server(
-        server_app.app, host=config.host, port=config.port, threads=config.threads,
-        max_request_body_size=config.max_request_bytes, clear_untrusted_proxy_headers=True,
-    )
+    server = create_http_server(server_app, config)
 
     def shut_down(signum, frame):
         raise SystemExit(0)
@@ -83,6 +86,19 @@ def main(argv: list[str] | None = None) -> int:
         scorer.stop()
         log.info("stopped")
     return 0
+
+
+def make_queue(config: ServerConfig) -> RolloutQueue:
+    """The upload queue: on disk under --queue_dir (continuing what a previous server left there), else in memory."""
+    if config.queue_dir is None:
+        log.info("upload queue in memory: queued and leased batches are lost if the server stops (--queue_dir keeps "
+                 "them on disk)")
+        return RolloutQueue(config.max_queue, max_deliveries=config.max_deliveries)
+    queue = RolloutQueue(config.max_queue, max_deliveries=config.max_deliveries,
+                         store=SqliteQueueStore(config.queue_dir))
+    log.info("upload queue on disk in %s: %d unsettled batches recovered (%s)", config.queue_dir, queue.recovered,
+             queue.depths())
+    return queue
 
 
 def load_model(config: ServerConfig) -> tuple[torch.nn.Module, dict]:

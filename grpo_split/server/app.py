@@ -8,7 +8,9 @@ The endpoints and their answers are listed in `ref_server.py`'s docstring. Every
 from __future__ import annotations
 
 import collections
+import contextlib
 import hmac
+import ipaddress
 import json
 import logging
 import threading
@@ -19,15 +21,43 @@ import torch
 
 from grpo_split.config.server import MAX_LEASE_SECONDS, TOKEN_ENV, ServerConfig
 from grpo_split.contract.batch import FORMAT_VERSION, Batch, BatchTooLarge, WireFormatError, decode_batch, encode_batch
-from grpo_split.server.queue import QueuedBatch, QueueFull, RolloutQueue
+from grpo_split.server.queue import QueuedBatch, QueueFull, RolloutQueue, StaleLease, UnknownBatch
 from grpo_split.server.scorer import ReferenceScorer
 
 # The server's log lines keep the name they have always had, whichever module writes them.
 log = logging.getLogger("ref_server")
 
+# Dead-letter reasons are cut to this many characters: they come from clients and end up in /stats and logs.
+MAX_REASON_CHARS = 500
+# The response header of GET /get that carries the lease id an ack or dead letter must name.
+LEASE_HEADER = "X-Lease-Id"
+
 # How long the upload worker waits for an upload before it looks at its stop flag again: the most
 # an idle worker adds to shutdown.
 UPLOAD_POLL_SECONDS = 0.5
+
+
+# The content types a web page may POST cross-site without a CORS preflight (the Fetch standard's
+# CORS-safelisted request headers); refused when no token is set.
+_BROWSER_SIMPLE_CONTENT_TYPES = ("text/plain", "application/x-www-form-urlencoded", "multipart/form-data")
+_LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
+
+
+def _allowed_host(host_header: str, bound_host: str) -> bool:
+    """Whether a Host header names this server without a DNS name a web page could rebind: an IP
+    literal (any port), localhost, or the --host it was started with."""
+    name = host_header.strip().lower()
+    if name.startswith("["):  # [v6]:port
+        name = name[1:].partition("]")[0]
+    elif name.count(":") == 1:
+        name = name.partition(":")[0]
+    if name in _LOOPBACK_NAMES or name == bound_host.lower().strip("[]"):
+        return True
+    try:
+        ipaddress.ip_address(name)
+    except ValueError:
+        return False
+    return True
 
 
 class HTTPFailure(Exception):
@@ -64,13 +94,15 @@ class ReferenceServerApp:
         self.scorer = scorer
         self.config = config
         self.model_info = model_info
-        self.queue = queue or RolloutQueue(config.max_queue)
+        self.queue = queue or RolloutQueue(config.max_queue, max_deliveries=config.max_deliveries)
+        self.queue.on_dead_letter = self._log_dead_letter
         self._vocab_size = model_info["vocab_size"]
         self._started = time.time()
         # Waitress threads and the upload worker count at the same time.
         self._counts_lock = threading.Lock()
         self._errors: collections.Counter[str] = collections.Counter()
         self._upload_failures = 0
+        self._inflight_bytes = 0  # request bodies being read and decoded now (--max_inflight_request_mb)
         self.app = self._build_app()
 
     def _build_app(self) -> bottle.Bottle:
@@ -79,6 +111,7 @@ class ReferenceServerApp:
         app.route("/upload", "POST", self._endpoint(self.upload))
         app.route("/get", "GET", self._endpoint(self.get))
         app.route("/ack/<batch_id>", "POST", self._endpoint(self.ack))
+        app.route("/dead/<batch_id>", "POST", self._endpoint(self.dead))
         app.route("/health", "GET", self._endpoint(self.health, needs_auth=False))
         app.route("/stats", "GET", self._endpoint(self.stats))
         app.error(404)(self._not_found)
@@ -96,7 +129,9 @@ class ReferenceServerApp:
     def upload(self):
         batch = self._read_batch(require_rollout=True)
         try:
-            batch_id, depth = self.queue.admit(batch, tokens=batch.batch_size * batch.seq_len)
+            # A durable queue stores the batch's bytes before the 202; re-encoded, as the body is not kept.
+            payload = encode_batch(batch) if self.queue.durable else None
+            batch_id, depth = self.queue.admit(batch, tokens=batch.batch_size * batch.seq_len, payload=payload)
         except QueueFull as exc:
             raise HTTPFailure(
                 503, "queue_full", f"{exc}; retry later", {"Retry-After": str(self.config.retry_after_seconds)}
@@ -104,21 +139,43 @@ class ReferenceServerApp:
         return _reply(202, {"queued": depth, "batch_id": batch_id})
 
     def get(self):
+        if bottle.request.method == "HEAD":  # bottle routes HEAD here; a HEAD answer has no body, so lease nothing
+            bottle.response.status = 200 if self.queue.ready_count() else 204
+            return b""
         entry = self.queue.take(self._requested_lease())
         if entry is None:
             bottle.response.status = 204
             return b""
+        bottle.response.set_header(LEASE_HEADER, entry.lease)
         return _batch_reply(entry.payload)
 
     def ack(self, batch_id: str):
-        if not self.queue.ack(batch_id):
-            raise HTTPFailure(
-                404, "not_found", f"no delivered batch {batch_id!r} (never issued, or already acknowledged)"
-            )
-        return _reply(200, {"acknowledged": batch_id})
+        lease = bottle.request.query.get("lease")
+        if not lease:
+            raise HTTPFailure(400, "bad_request", f"send the lease this ack settles: POST /ack/<id>?lease=<the "
+                                                  f"{LEASE_HEADER} header of GET /get>")
+        with self._settling(batch_id):
+            first = self.queue.ack(batch_id, lease)
+        return _reply(200, {"acknowledged": batch_id, **({} if first else {"repeated": True})})
+
+    def dead(self, batch_id: str):
+        """A consumer settles a batch it cannot use: JSON body {"lease": ..., "reason": ...}."""
+        expected = 'body must be JSON {"lease": "<the X-Lease-Id of GET /get>", "reason": "<why it cannot be used>"}'
+        try:
+            body = json.loads(self._read_body() or b"null")
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise HTTPFailure(400, "bad_request", f"{expected}; got invalid JSON: {exc}") from exc
+        if not (isinstance(body, dict) and isinstance(body.get("lease"), str) and body["lease"]
+                and isinstance(body.get("reason"), str) and body["reason"].strip()):
+            raise HTTPFailure(400, "bad_request", expected)
+        reason = body["reason"].strip()[:MAX_REASON_CHARS]
+        with self._settling(batch_id):
+            self.queue.dead_letter(batch_id, body["lease"], f"consumer: {reason}")
+        return _reply(200, {"dead_lettered": batch_id})
 
     def health(self):
-        return _reply(200, {"status": "ok", "format": FORMAT_VERSION, **self.model_info})
+        return _reply(200, {"status": "ok", "format": FORMAT_VERSION, **self.model_info,
+                            "max_request_tokens": self.config.max_request_tokens})
 
     def stats(self):
         scorer = self.scorer.stats()
@@ -137,11 +194,28 @@ class ReferenceServerApp:
 
     # ---- the error contract ----------------------------------------------------------------
 
+    @staticmethod
+    @contextlib.contextmanager
+    def _settling(batch_id: str):
+        """The queue's settlement errors as answers: 409 for a lease that does not hold the batch, 404 for
+        an unknown id."""
+        try:
+            yield
+        except StaleLease as exc:
+            raise HTTPFailure(409, "stale_lease", str(exc)) from exc
+        except UnknownBatch as exc:
+            raise HTTPFailure(404, "not_found", str(exc)) from exc
+
+    def _log_dead_letter(self, batch_id: str, reason: str) -> None:
+        log.warning("batch %s is dead-lettered: %s", batch_id, reason)
+
     def _endpoint(self, handler, needs_auth: bool = True):
         """`handler` behind the token check, with an `HTTPFailure` turned into its JSON answer."""
 
         def answer(**url_args):
             try:
+                if self.config.auth_token is None:
+                    self._check_browser_safety()
                 if needs_auth:
                     self._check_auth()
                 return handler(**url_args)
@@ -155,9 +229,12 @@ class ReferenceServerApp:
         expected = self.config.auth_token
         if expected is None:
             return
-        scheme, _, token = bottle.request.get_header("Authorization", "").partition(" ")
+        # The raw header: WSGI hands it over as latin-1 text, which maps back to the bytes sent, where
+        # bottle's get_header decodes it as UTF-8 and raises (a 500) on any other byte.
+        header = bottle.request.environ.get("HTTP_AUTHORIZATION", "").encode("latin-1", "replace")
+        scheme, _, token = header.partition(b" ")
         # compare_digest: the time taken must not tell an attacker how much of a guess was right.
-        if scheme.lower() != "bearer" or not hmac.compare_digest(token.encode(), expected.encode()):
+        if scheme.lower() != b"bearer" or not hmac.compare_digest(token, expected.encode()):
             raise HTTPFailure(
                 401, "unauthorized", f"missing or wrong token: send 'Authorization: Bearer <token>' ({TOKEN_ENV})"
             )
@@ -176,30 +253,89 @@ class ReferenceServerApp:
 
     def _internal_error(self, error):
         self._count_error("server_error")
-        log.error("unhandled error on %s %s: %s", bottle.request.method, bottle.request.path, error.exception)
-        return _reply(500, {"error": f"internal server error: {error.exception!r}"})
+        log.error("unhandled error on %s %s: %r", bottle.request.method, bottle.request.path, error.exception)
+        # The exception's text stays in the log: it may hold anything, including what the client sent.
+        return _reply(500, {"error": f"internal server error ({type(error.exception).__name__}); see the server log"})
+
+    def count_error(self, kind: str) -> None:
+        """Count an error answered outside the app (by the HTTP server: malformed requests, deadlines)."""
+        self._count_error(kind)
+
+    def body_too_large_message(self, length: int) -> str:
+        return (f"request body of {length} bytes is over the limit of {self.config.max_body_bytes} bytes "
+                f"(--max_request_tokens={self.config.max_request_tokens} tokens, --max_request_mb="
+                f"{self.config.max_request_mb:g}); send fewer or shorter sequences per request")
+
+    def _check_browser_safety(self) -> None:
+        """Without a token, refuse what only a web page would send: DNS rebinding and cross-site simple POSTs.
+
+        A page on another site can make a browser POST here without asking first (no CORS preflight)
+        only with one of three content types, and can reach this port through a DNS name that it
+        rebinds to 127.0.0.1; our clients send neither. With a token none of this matters: a page
+        cannot know it.
+        """
+        host = bottle.request.environ.get("HTTP_HOST")
+        if host is not None and not _allowed_host(host, self.config.host):
+            raise HTTPFailure(
+                421, "misdirected",
+                f"Host {host[:100]!r} is not this server's address: without --auth_token only requests to an IP "
+                f"address, localhost or --host ({self.config.host}) are answered (a web page reaching this port "
+                "through another DNS name is refused); connect by IP address, or start the server with --auth_token",
+            )
+        if bottle.request.method == "POST":
+            content_type = bottle.request.environ.get("CONTENT_TYPE", "").partition(";")[0].strip().lower()
+            if content_type in _BROWSER_SIMPLE_CONTENT_TYPES:
+                raise HTTPFailure(
+                    415, "bad_request",
+                    f"Content-Type {content_type} is refused (a web page can send it cross-site); send batches as "
+                    "application/octet-stream (or with no Content-Type)",
+                )
 
     # ---- reading requests ------------------------------------------------------------------
 
     def _read_body(self) -> bytes:
         length = bottle.request.content_length
-        limit = self.config.max_request_bytes
         if length < 0:
             raise HTTPFailure(411, "bad_request", "send the batch with a Content-Length header")
-        if length > limit:
-            raise HTTPFailure(
-                413, "too_large",
-                f"request body of {length} bytes is over the limit of {limit} "
-                "(--max_request_mb); send fewer or shorter sequences per request",
-            )
+        if length > self.config.max_body_bytes:  # the HTTP server already refuses these; in-process apps may not
+            raise HTTPFailure(413, "too_large", self.body_too_large_message(length))
         return bottle.request.environ["wsgi.input"].read(length)
+
+    @contextlib.contextmanager
+    def _inflight_budget(self, length: int):
+        """Admit a body of `length` bytes to be read and decoded while others are, within
+        --max_inflight_request_mb (one alone always), or 503 + Retry-After: memory stays bounded
+        however many large requests arrive at once."""
+        with self._counts_lock:
+            budget = self.config.max_inflight_request_bytes
+            admitted = self._inflight_bytes == 0 or self._inflight_bytes + length <= budget
+            if admitted:
+                self._inflight_bytes += length
+        if not admitted:
+            raise HTTPFailure(
+                503, "busy",
+                f"{self.config.max_inflight_request_mb:g} MB of requests are being read already "
+                "(--max_inflight_request_mb); retry later",
+                {"Retry-After": str(max(1, self.config.retry_after_seconds))},
+            )
+        try:
+            yield
+        finally:
+            with self._counts_lock:
+                self._inflight_bytes -= length
 
     def _read_batch(self, require_rollout: bool) -> Batch:
         try:
-            batch = decode_batch(self._read_body(), vocab_size=self._vocab_size,
-                                 max_bytes=self.config.max_request_bytes, require_rollout=require_rollout)
+            with self._inflight_budget(max(bottle.request.content_length, 0)):
+                batch = decode_batch(self._read_body(), vocab_size=self._vocab_size,
+                                     max_bytes=self.config.max_body_bytes, max_tokens=self.config.max_request_tokens,
+                                     require_rollout=require_rollout)
         except BatchTooLarge as exc:
-            raise HTTPFailure(413, "too_large", str(exc)) from exc
+            raise HTTPFailure(
+                413, "too_large",
+                f"{exc} (limits: --max_request_tokens={self.config.max_request_tokens} tokens, "
+                f"bodies of {self.config.max_body_bytes} bytes)",
+            ) from exc
         except WireFormatError as exc:
             raise HTTPFailure(400, "bad_request", str(exc)) from exc
         if batch.seq_len > self.config.max_batch_tokens:
@@ -249,8 +385,8 @@ class ReferenceServerApp:
             batch.ref_logps = self.scorer.score(batch)
             batch.batch_id = entry.batch_id
             self.queue.scored(entry, encode_batch(batch))
-        except Exception:  # noqa: BLE001 - one bad batch must not stop the worker; it is logged and counted
-            log.exception("could not score uploaded batch %s; it is dropped", entry.batch_id)
+        except Exception as exc:  # noqa: BLE001 - one bad batch must not stop the worker; it is dead-lettered
+            log.exception("could not score uploaded batch %s", entry.batch_id)
             with self._counts_lock:
                 self._upload_failures += 1
-            self.queue.dropped(entry)
+            self.queue.failed(entry, f"scoring failed: {type(exc).__name__}: {str(exc)[:MAX_REASON_CHARS]}")
