@@ -12,10 +12,15 @@ Endpoints (batches are `grpo_split.contract.batch` bytes; everything else is JSO
     POST /ack/<id>?lease=L  settle a delivered batch; unacknowledged batches are delivered again after their lease,
                          at most --max_deliveries times, then dead-lettered; 409 when lease L no longer holds it
     POST /dead/<id>      {"lease": L, "reason": "..."}: a consumer settles a batch it cannot use as a dead letter
-    GET  /health         status, model, vocab size, device, dtype, wire format (never needs the token)
+    GET  /health         status, model, vocab size, device, dtype, wire format, max_request_tokens (never needs
+                         the token)
     GET  /stats          queue depths, batches and tokens processed, tokens/s, errors by kind
 Errors are JSON `{"error": "..."}` with 400 (bad input), 401, 404, 409 (stale lease), 411, 413, 503 (+ Retry-After)
 or 500. With --queue_dir every accepted upload is on disk before its 202 (grpo_split/server/store.py).
+Limits (grpo_split/server/http.py): 413 over --max_request_tokens (refused from Content-Length before the body is
+read), 503 + Retry-After past --max_inflight_request_mb, 431 for headers over 256 kB; a connection whose request
+does not arrive within --request_timeout_seconds is closed, as is the longest-waiting one past --max_connections.
+Without a token: 415 for browser-simple content types, 421 for a Host that is not an IP, localhost or --host.
 """
 
 from __future__ import annotations

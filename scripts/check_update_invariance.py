@@ -228,18 +228,25 @@ class _QueueOfOne:
     """Stands in for the server client on rank 0: the queue holds this one whole-step batch."""
 
     def __init__(self, payload: bytes):
-        self.payload = payload
+        self.payload: bytes | None = payload
         self.acked: list[str] = []
+        self.dead_letters: list[str] = []  # the reasons
 
     def get(self, lease_seconds: float):
         from grpo_split.contract.batch import decode_batch
 
+        if self.payload is None:
+            return None
         batch = decode_batch(self.payload)
-        batch.batch_id = "b1"
+        batch.batch_id, batch.lease = "b1", "lease-1"
         return batch
 
-    def ack(self, batch_id: str) -> None:
+    def ack(self, batch_id: str, lease: str) -> None:
         self.acked.append(batch_id)
+
+    def dead_letter(self, batch_id: str, lease: str, reason: str) -> None:
+        self.dead_letters.append(reason)
+        self.payload = None
 
 
 def trainer_update(case: Case, model_dir: Path, whole, rank: int, world_size: int) -> dict[str, torch.Tensor] | None:

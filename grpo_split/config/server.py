@@ -44,7 +44,7 @@ class ServerConfig:
     )
     max_request_mb: float = field(default=256.0, metadata={"help": "request bodies above this many MB get 413"})
     max_request_tokens: int = field(
-        default=1 << 20,
+        default=1 << 18,
         metadata={"help": "tokens (rows x sequence length) one /logps or /upload request may carry; more get 413. "
                           "Also caps the body size (BYTES_PER_TOKEN per token), checked from Content-Length before "
                           "the body is read. A trainer's /logps request is one step's batch: prompts_per_step x "

@@ -14,6 +14,7 @@ from typing import Literal
 
 from grpo_split.config.parsing import ConfigError, parse_config
 from grpo_split.contract import DEFAULT_URL
+from grpo_split.contract.batch import MAX_TEMPERATURE, MIN_TEMPERATURE
 from grpo_split.rollouts.rewards import load_reward_funcs
 from stable_ops.advantages import SCALE_MODES
 from stable_ops.loss import IMPORTANCE_SAMPLING_LEVELS, LOSS_NORMALIZERS
@@ -95,7 +96,8 @@ class RolloutConfig:
                  "must be >= 2: GRPO's advantage compares the completions of one prompt")
         _require(self.prompts_per_step >= 1, "prompts_per_step", self.prompts_per_step, "must be >= 1")
         _require(self.max_completion_length >= 1, "max_completion_length", self.max_completion_length, "must be >= 1")
-        _require(self.temperature > 0, "temperature", self.temperature, "must be > 0")
+        _require(MIN_TEMPERATURE <= self.temperature <= MAX_TEMPERATURE, "temperature", self.temperature,
+                 f"must lie in [{MIN_TEMPERATURE:g}, {MAX_TEMPERATURE:g}] (the range a batch on the wire may carry)")
         _require(0 < self.top_p <= 1, "top_p", self.top_p, "must be in (0, 1]")
         _require(len(self.reward_funcs) >= 1, "reward_funcs", self.reward_funcs, "name at least one reward function")
         if self.reward_weights is not None:

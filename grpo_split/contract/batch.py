@@ -53,6 +53,13 @@ TENSOR_FIELDS = (
     "input_ids", "attention_mask", "rewards", "scored", "advantages", "old_logps", "completion_mask", "ref_logps",
     "reward_per_func",
 )
+# What a trainer needs of a queued rollout batch, so what `require_rollout` (an upload) requires.
+ROLLOUT_FIELDS = ("rewards", "advantages", "completion_mask", "old_logps", "policy_version", "num_generations")
+# Sampling temperatures a batch may carry. Log-probs are of logits / temperature: below ~1e-36 that
+# overflows float32 and turns the log-probs into NaN, and long before that the softmax is one-hot to
+# the last bit, so 1e-4 is as greedy as sampling gets; above 1e4 any model's logits are flattened to
+# a uniform distribution to within float32 rounding. Outside the range is a bug on the sender's side.
+MIN_TEMPERATURE, MAX_TEMPERATURE = 1e-4, 1e4
 METADATA_KEYS = ("format", "prompt_length", "policy_version", "num_generations", "batch_id", "temperature")
 
 # Bytes per element of the safetensors dtypes we recognise in a header. F16/BF16/F64 are never
@@ -99,13 +106,16 @@ class Batch:
     policy_version: int | None = None  # >= 0: the policy weights the completions were sampled with
     num_generations: int | None = None  # >= 1 and divides B: completions per prompt, consecutive
     batch_id: str | None = None  # set by the server's queue; 1..128 chars of [A-Za-z0-9_-]
-    temperature: float = 1.0  # > 0 and finite; reference log-probs are of logits / temperature
+    temperature: float = 1.0  # in [MIN_TEMPERATURE, MAX_TEMPERATURE]; reference log-probs are of logits / temperature
     # (B,) 0/1, int64 after decode: 1 where at least one reward function scored the completion;
     # None means all scored. Where 0, rewards (if set) must be 0. Added last, so that a positional
     # construction written before it still means what it did.
     scored: torch.Tensor | None = None
     # (B, F) float32: each reward function's value, NaN where it returned None; None if not sent.
     reward_per_func: torch.Tensor | None = None
+    # Never on the wire: the lease under which GET /get delivered this batch (its X-Lease-Id header),
+    # set by `RefServerClient.get`; an ack or dead letter of the batch must name it.
+    lease: str | None = None
 
     @property
     def batch_size(self) -> int:
@@ -196,13 +206,12 @@ def validate_batch(
     temperature = _check_temperature(batch.temperature)
 
     if require_rollout:
-        missing = [name for name in ("policy_version", "num_generations") if getattr(batch, name) is None]
-        if batch.rewards is None and batch.advantages is None:
-            missing.insert(0, "rewards or advantages")
+        missing = [name for name in ROLLOUT_FIELDS if getattr(batch, name) is None]
         if missing:
             raise WireFormatError(
-                f"{missing[0]}: required for a rollout upload (missing: {', '.join(missing)}); "
-                "generation workers must send scored rollouts with the policy version they sampled with"
+                f"{missing[0]}: required for a rollout upload (missing: {', '.join(missing)}); a trainer needs "
+                "all of " + ", ".join(ROLLOUT_FIELDS) + ": generation workers must send complete scored rollouts "
+                "with the policy version they sampled with"
             )
 
     return dataclasses.replace(
@@ -336,8 +345,11 @@ def _check_temperature(value) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise WireFormatError(f"temperature: must be a float, got {type(value).__name__} {_short(value)}")
     value = float(value)
-    if not (math.isfinite(value) and value > 0):
-        raise WireFormatError(f"temperature: must be finite and > 0 (logits are divided by it), got {value}")
+    if not MIN_TEMPERATURE <= value <= MAX_TEMPERATURE:  # also False for NaN
+        raise WireFormatError(
+            f"temperature: must lie in [{MIN_TEMPERATURE:g}, {MAX_TEMPERATURE:g}] (logits are divided by it; "
+            f"outside that range the log-probs overflow or carry no information), got {value}"
+        )
     return value
 
 

@@ -19,8 +19,8 @@ import torch
 
 from grpo_split.config.parsing import ConfigError
 from grpo_split.config.trainer import RunConfig
-from grpo_split.contract.batch import Batch, decode_batch, encode_batch
-from grpo_split.contract.client import RefServerClient, backoff_delays
+from grpo_split.contract.batch import ROLLOUT_FIELDS, Batch, decode_batch, encode_batch
+from grpo_split.contract.client import RefServerClient, RefServerError, backoff_delays
 from grpo_split.rollouts.build import Rollouts, make_rollouts, rollouts_from_batch
 from grpo_split.rollouts.data import PromptOrder, load_prompt_dataset
 from grpo_split.rollouts.rewards import load_reward_funcs
@@ -154,7 +154,9 @@ class ServerRollouts:
         self.eos_ids = eos_ids
         self.reward_names = [name for name, _ in load_reward_funcs(config.rollout.reward_funcs)]
         self.stale_dropped = 0
-        self.leased: list[str] = []
+        self.dead_lettered = 0  # batches this trainer could not use (wrong shape, missing fields), settled as dead
+        self.settle_conflicts = 0  # acks/dead letters the server answered 404/409 (restart, lease ran out)
+        self.leased: list[tuple[str, str]] = []  # (batch_id, lease) of what this step trains on
         self.published: int | None = None
 
     def next(self, engine, policy_version: int) -> Rollouts:
@@ -171,13 +173,15 @@ class ServerRollouts:
             self.published = version
 
     def metrics(self) -> dict[str, float]:
-        return {"skipped_prompts": 0.0, "stale_batches": float(self.stale_dropped)}
+        return {"skipped_prompts": 0.0, "stale_batches": float(self.stale_dropped),
+                "dead_lettered_batches": float(self.dead_lettered)}
 
     def state_dict(self) -> dict:
-        return {"stale_batches": self.stale_dropped}
+        return {"stale_batches": self.stale_dropped, "dead_lettered_batches": self.dead_lettered}
 
     def load_state_dict(self, state: dict) -> None:
         self.stale_dropped = int(state.get("stale_batches", 0))
+        self.dead_lettered = int(state.get("dead_lettered_batches", 0))
 
     def next_batch(self, policy_version: int) -> Batch:
         """This rank's share of the next whole-step batch from the queue (rank 0 leases, all receive)."""
@@ -194,7 +198,7 @@ class ServerRollouts:
         return rank_share(decode_batch(payload), self.rank, self.world_size)
 
     def _lease(self, policy_version: int) -> Batch:
-        server, rollout = self.config.server, self.config.rollout
+        server = self.config.server
         deadline = time.monotonic() + server.rollout_wait
         delays = backoff_delays()
         while True:
@@ -208,39 +212,68 @@ class ServerRollouts:
                     )
                 time.sleep(next(delays))
                 continue
+            problem = self._unusable(batch)
+            if problem is not None:
+                # Never raise here: the batch would stay leased, come back to the restarted trainer and
+                # crash it again. Settled as a dead letter, it is out of every trainer's way.
+                print(f"WARNING: dead-lettering batch {batch.batch_id} from the server queue, training goes on "
+                      f"with the next one: {problem}", flush=True)
+                self._settle(batch, problem)
+                self.dead_lettered += 1
+                continue
             if batch.policy_version < policy_version - server.max_staleness:
-                self.client.ack(batch.batch_id)  # consumed by dropping it; never trained on
+                self._settle(batch, None)  # consumed by dropping it; never trained on
                 self.stale_dropped += 1
                 continue
-            if batch.advantages is None or batch.completion_mask is None or batch.old_logps is None:
-                raise ValueError(f"batch {batch.batch_id} from the queue lacks advantages, completion_mask or "
-                                 "old_logps; generation workers must upload complete rollouts")
-            expected = rollout.prompts_per_step * rollout.num_generations
-            if batch.batch_size != expected or batch.num_generations != rollout.num_generations:
-                raise ConfigError(
-                    f"batch {batch.batch_id} from the queue has {batch.batch_size} rows in groups of "
-                    f"{batch.num_generations}; this trainer's step is prompts_per_step x num_generations = "
-                    f"{rollout.prompts_per_step} x {rollout.num_generations} = {expected} rows. One uploaded batch is "
-                    "one training step: give the generation workers the trainer's prompts_per_step and "
-                    "num_generations"
-                )
-            funcs = len(self.reward_names)
-            sent = None if batch.reward_per_func is None else batch.reward_per_func.shape[1]
-            if sent is not None and sent != funcs:
-                raise ConfigError(
-                    f"batch {batch.batch_id} from the queue carries {sent} per-function rewards; this trainer has "
-                    f"{funcs} reward functions ({self.reward_names}): give the generation workers the trainer's "
-                    "reward_funcs"
-                )
             if batch.attention_mask is None:
                 batch.attention_mask = torch.ones_like(batch.input_ids)
-            self.leased.append(batch.batch_id)
+            self.leased.append((batch.batch_id, batch.lease))
             return batch
 
+    def _unusable(self, batch: Batch) -> str | None:
+        """Why this trainer cannot train on `batch`, or None when it can."""
+        rollout = self.config.rollout
+        missing = [name for name in ROLLOUT_FIELDS if getattr(batch, name) is None]
+        if missing:
+            return (f"it lacks {', '.join(missing)}; generation workers must upload complete rollouts (the server "
+                    "refuses such uploads since its upload checks require them)")
+        expected = rollout.prompts_per_step * rollout.num_generations
+        if batch.batch_size != expected or batch.num_generations != rollout.num_generations:
+            return (f"it has {batch.batch_size} rows in groups of {batch.num_generations}; this trainer's step is "
+                    f"prompts_per_step x num_generations = {rollout.prompts_per_step} x {rollout.num_generations} = "
+                    f"{expected} rows. One uploaded batch is one training step: give the generation workers the "
+                    "trainer's prompts_per_step and num_generations")
+        funcs = len(self.reward_names)
+        sent = None if batch.reward_per_func is None else batch.reward_per_func.shape[1]
+        if sent is not None and sent != funcs:
+            return (f"it carries {sent} per-function rewards; this trainer has {funcs} reward functions "
+                    f"({self.reward_names}): give the generation workers the trainer's reward_funcs")
+        return None
+
     def ack_all(self) -> None:
-        for batch_id in self.leased:
-            self.client.ack(batch_id)
+        for batch_id, lease in self.leased:
+            self._settle_id(batch_id, lease, None)
         self.leased.clear()
+
+    def _settle(self, batch: Batch, dead_reason: str | None) -> None:
+        self._settle_id(batch.batch_id, batch.lease, dead_reason)
+
+    def _settle_id(self, batch_id: str, lease: str, dead_reason: str | None) -> None:
+        """Ack (or dead-letter, with a reason) a leased batch. A 404 or 409 does not stop training: the
+        server restarted without --queue_dir (the batch is gone) or the lease ran out and the batch went
+        to another consumer or to the dead letters (then it may be trained on twice); either way this
+        step is done, so the answer is printed and the run goes on."""
+        try:
+            if dead_reason is None:
+                self.client.ack(batch_id, lease)
+            else:
+                self.client.dead_letter(batch_id, lease, dead_reason)
+        except RefServerError as exc:
+            if exc.status not in (404, 409):
+                raise
+            self.settle_conflicts += 1
+            print(f"WARNING: the server did not take the {'ack' if dead_reason is None else 'dead letter'} of batch "
+                  f"{batch_id} (HTTP {exc.status}: {exc.message}); training goes on", flush=True)
 
 
 def rank_share(batch: Batch, rank: int, world_size: int) -> Batch:

@@ -71,8 +71,9 @@ class FakeRefServer:
         self.logps_done = threading.Event()  # set when a /logps handler has finished, answer sent or not
         self.ready: collections.deque[Batch] = collections.deque()  # what /get hands out; empty -> 204
         self.queued: list[Batch] = []
-        self.leased: set[str] = set()
+        self.leased: dict[str, str] = {}  # batch_id -> lease id
         self.acked: list[str] = []
+        self.dead_letters: list[tuple[str, str]] = []  # (batch_id, reason)
         self.app = bottle.Bottle()
         self.app.install(self._guard)
         self.app.route("/health", "GET", self.health)
@@ -81,6 +82,7 @@ class FakeRefServer:
         self.app.route("/upload", "POST", self.upload)
         self.app.route("/get", "GET", self.get)
         self.app.route("/ack/<batch_id>", "POST", self.ack)
+        self.app.route("/dead/<batch_id>", "POST", self.dead)
 
     def _guard(self, callback):
         """Bottle plugin: count the request, then demand the bearer token everywhere but /health."""
@@ -132,16 +134,27 @@ class FakeRefServer:
         if not self.ready:
             return bottle.HTTPResponse(status=204)
         batch = self.ready.popleft()
-        self.leased.add(batch.batch_id)
+        self.leased[batch.batch_id] = f"lease-of-{batch.batch_id}"
         bottle.response.content_type = "application/octet-stream"
+        bottle.response.set_header("X-Lease-Id", self.leased[batch.batch_id])
         return encode_batch(batch)
 
     def ack(self, batch_id):
         if batch_id not in self.leased:
             return json_error(404, f"unknown batch_id {batch_id!r}")
-        self.leased.discard(batch_id)
+        if bottle.request.query.get("lease") != self.leased[batch_id]:
+            return json_error(409, f"batch {batch_id} is held by another lease")
+        del self.leased[batch_id]
         self.acked.append(batch_id)
         return {"acked": batch_id}
+
+    def dead(self, batch_id):
+        body = json.loads(bottle.request.body.read())
+        if self.leased.get(batch_id) != body["lease"]:
+            return json_error(409, f"batch {batch_id} is held by another lease")
+        del self.leased[batch_id]
+        self.dead_letters.append((batch_id, body["reason"]))
+        return {"dead_lettered": batch_id}
 
 
 def free_port() -> int:
@@ -244,11 +257,27 @@ def test_get_returns_none_when_nothing_is_ready_then_a_batch(start_fake):
         batch.batch_id = "b-1"
         fake.ready.append(batch)
         got = client.get(lease_seconds=30)
-        assert isinstance(got, Batch) and got.batch_id == "b-1"
+        assert isinstance(got, Batch) and got.batch_id == "b-1" and got.lease == "lease-of-b-1"
         torch.testing.assert_close(got.input_ids, batch.input_ids)
         torch.testing.assert_close(got.ref_logps, batch.ref_logps)
-        client.ack("b-1")
+        with pytest.raises(RefServerError) as info:
+            client.ack("b-1", "someone-elses-lease")
+        assert info.value.status == 409
+        client.ack("b-1", got.lease)
     assert fake.acked == ["b-1"]
+
+
+def test_dead_letter_sends_the_lease_and_the_reason(start_fake):
+    fake, url = start_fake()
+    batch = make_batch()
+    batch.ref_logps, batch.batch_id = fake_ref_logps(batch), "b-2"
+    fake.ready.append(batch)
+    with fast_client(url) as client:
+        got = client.get()
+        with pytest.raises(ValueError, match="needs a reason"):
+            client.dead_letter(got.batch_id, got.lease, " ")
+        client.dead_letter(got.batch_id, got.lease, "wrong shape for this trainer")
+    assert fake.dead_letters == [("b-2", "wrong shape for this trainer")] and fake.acked == []
 
 
 def test_ack_goes_to_the_server_that_leased_the_batch(start_fake):
@@ -258,8 +287,9 @@ def test_ack_goes_to_the_server_that_leased_the_batch(start_fake):
     batch.ref_logps, batch.batch_id = fake_ref_logps(batch), "from-a"
     fake_a.ready.append(batch)
     with fast_client([url_a, url_b]) as client:
-        assert client.get().batch_id == "from-a"  # the first call goes to the first URL
-        client.ack("from-a")  # round robin alone would send this to b, which does not know the id
+        got = client.get()
+        assert got.batch_id == "from-a"  # the first call goes to the first URL
+        client.ack("from-a", got.lease)  # round robin alone would send this to b, which does not know the id
     assert fake_a.acked == ["from-a"] and fake_b.hits["ack"] == 0
 
 
@@ -269,7 +299,7 @@ def test_ack_goes_to_the_server_that_leased_the_batch(start_fake):
 def test_ack_of_an_unknown_id_raises_404(start_fake):
     fake, url = start_fake()
     with fast_client(url) as client, pytest.raises(RefServerError, match="unknown batch_id") as info:
-        client.ack("nope")
+        client.ack("nope", "a-lease")
     assert info.value.status == 404 and fake.hits["ack"] == 1
 
 
@@ -348,7 +378,7 @@ def test_close_closes_the_connection_even_while_an_error_is_kept(start_fake):
     fake, url = start_fake()
     client = fast_client(url)
     with pytest.raises(RefServerError) as info:
-        client.ack("nope")
+        client.ack("nope", "a-lease")
     client.close()
     # `info` keeps the traceback, and through it the connection pool, alive; the teardown of
     # start_fake checks that the server saw the connection close all the same.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -79,8 +80,10 @@ def test_make_rollouts_builds_a_valid_wire_batch(toy_model_dir):
             assert rollouts.truncated[row] and not batch.completion_mask[row].any()
     # Row 0: the first function could not score it, the second gave a weighted score.
     assert math.isnan(rollouts.per_func[0, 0]) and rollouts.rewards[0] == pytest.approx(0.5 * rollouts.per_func[0, 1])
-    # The wire batch is finite and survives encoding.
-    decoded = decode_batch(encode_batch(batch), vocab_size=len(tokenizer), require_rollout=True)
+    # The wire batch is finite and survives encoding; with the old log-probs a worker adds, it is an upload.
+    assert batch.old_logps is None
+    uploaded = dataclasses.replace(batch, old_logps=torch.zeros(batch.completion_mask.shape))
+    decoded = decode_batch(encode_batch(uploaded), vocab_size=len(tokenizer), require_rollout=True)
     assert torch.equal(decoded.input_ids, batch.input_ids) and torch.equal(decoded.advantages, batch.advantages)
 
 

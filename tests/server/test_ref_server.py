@@ -31,7 +31,9 @@ def make_batch(batch_size=3, prompt_length=5, completion_length=7, seed=0, left_
 def rollout(producer: int, number: int) -> Batch:
     """A small uploaded batch that says who sent it and in which order (in its rewards)."""
     return make_batch(batch_size=2, prompt_length=3, completion_length=4, seed=producer * 1000 + number,
-                      rewards=torch.tensor([float(producer), float(number)]), policy_version=0, num_generations=2)
+                      rewards=torch.tensor([float(producer), float(number)]), advantages=torch.zeros(2),
+                      old_logps=-torch.ones(2, 4), completion_mask=torch.ones(2, 4, dtype=torch.int64),
+                      policy_version=0, num_generations=2)
 
 
 @pytest.fixture(scope="module")
@@ -104,7 +106,7 @@ def test_upload_get_ack_load_every_batch_exactly_once_fifo_per_producer(client):
                         continue
                     assert batch.ref_logps is not None and batch.ref_logps.shape == (2, 4)
                     received[k].append((int(batch.rewards[0]), int(batch.rewards[1]), batch.batch_id))
-                    c.ack(batch.batch_id)
+                    c.ack(batch.batch_id, batch.lease)
                     if sum(map(len, received.values())) >= total:
                         done.set()
         except BaseException as exc:  # noqa: BLE001
@@ -146,10 +148,15 @@ def test_unacknowledged_batch_is_delivered_again_after_its_lease(client):
     again = client.get(lease_seconds=30)
     assert again is not None and again.batch_id == first.batch_id
     torch.testing.assert_close(again.ref_logps, first.ref_logps)
-    client.ack(again.batch_id)
-    assert client.get() is None
+    assert again.lease != first.lease  # a new delivery, a new lease
     with pytest.raises(RefServerError) as info:
-        client.ack(again.batch_id)
+        client.ack(first.batch_id, first.lease)  # the first lease ran out and the batch went out again
+    assert info.value.status == 409 and "another lease" in info.value.message
+    client.ack(again.batch_id, again.lease)
+    assert client.get() is None
+    client.ack(again.batch_id, again.lease)  # a repeated ack (a retry whose answer was lost) is harmless
+    with pytest.raises(RefServerError) as info:
+        client.ack("0000000999-nothere", "some-lease")
     assert info.value.status == 404
 
 
@@ -202,7 +209,7 @@ def test_queue_full_answers_503_with_retry_after(tiny_model_dir):
             first = None
             while first is None:
                 first = c.get()
-            c.ack(first.batch_id)  # room again
+            c.ack(first.batch_id, first.lease)  # room again: the leased batch counted toward max_queue
         assert requests.post(server.url + "/upload", data=encode_batch(rollout(0, 3)), timeout=30).status_code == 202
     finally:
         assert server.stop() == 0

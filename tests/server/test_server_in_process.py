@@ -15,7 +15,7 @@ from grpo_split.config.server import ServerConfig
 from grpo_split.contract.batch import Batch, decode_batch, encode_batch
 from grpo_split.modeling import frozen_logps
 from grpo_split.server.app import ReferenceServerApp
-from grpo_split.server.queue import QueueFull, RolloutQueue
+from grpo_split.server.queue import QueueFull, RolloutQueue, UnknownBatch
 from grpo_split.server.scorer import ReferenceScorer
 
 
@@ -43,23 +43,38 @@ def test_fifo_bound_and_lease_expiry():
     first = queue.take(lease_seconds=10)
     assert first.payload == b"a" and first.batch_id == ids[0]
     assert queue.take(lease_seconds=10).payload == b"b"
-    queue.admit("d", tokens=1)  # leased batches no longer count against max_queue
-    assert queue.depths() == {"pending": 1, "ready": 1, "leased": 2}
+    with pytest.raises(QueueFull):
+        queue.admit("d", tokens=1)  # leased batches still await settlement: they count toward max_queue
+    assert queue.depths() == {"pending": 0, "ready": 1, "leased": 2}
     clock.now = 11  # both leases ran out: they come back ahead of "c", oldest first
-    assert [queue.take(10).payload for _ in range(3)] == [b"a", b"b", b"c"]
+    taken = [queue.take(10) for _ in range(3)]
+    assert [entry.payload for entry in taken] == [b"a", b"b", b"c"]
     assert queue.lease_expirations == 2
-    assert queue.ack(ids[0]) and not queue.ack(ids[0]) and not queue.ack("unknown")
+    assert queue.ack(ids[0], taken[0].lease) and not queue.ack(ids[0], taken[0].lease)  # repeated: harmless
+    with pytest.raises(UnknownBatch):
+        queue.ack("unknown", "lease")
+    queue.admit("d", tokens=1)  # the ack made room
 
 
 def test_late_ack_after_expiry_settles_the_requeued_batch():
     clock = FakeClock()
     queue = RolloutQueue(max_queue=4, clock=clock)
     batch_id = admit_and_score(queue, "a")
-    queue.take(lease_seconds=1)
+    lease = queue.take(lease_seconds=1).lease
     clock.now = 2
     assert queue.depths()["ready"] == 1  # expired and back
-    assert queue.ack(batch_id)  # the slow trainer finished after all
+    assert queue.ack(batch_id, lease)  # the slow trainer finished after all: nobody else took it since
     assert queue.take(1) is None
+
+
+def as_rollout(batch: Batch, num_generations: int = 2, policy_version: int = 0) -> Batch:
+    """`batch` with every field a trainer needs of an upload."""
+    rows, completion = batch.batch_size, batch.completion_length
+    batch.rewards, batch.advantages = torch.zeros(rows), torch.zeros(rows)
+    batch.old_logps = -torch.ones(rows, completion)
+    batch.completion_mask = torch.ones(rows, completion, dtype=torch.int64)
+    batch.policy_version, batch.num_generations = policy_version, num_generations
+    return batch
 
 
 def make(batch_size, prompt_length, completion_length, seed):
@@ -142,12 +157,11 @@ def test_http_500_on_model_failure_and_the_server_keeps_serving(tiny_model):
         assert failing.status_code == 500 and "out of memory" in failing.json()["error"]
         ok = requests.post(url + "/logps", data=encode_batch(make(1, 3, 3, 0)), headers=auth, timeout=30)
         assert ok.status_code == 200 and decode_batch(ok.content).ref_logps.shape == (1, 3)
-        # An uploaded batch the model cannot score is dropped and counted; the worker goes on.
-        bad = make(2, 3, 3, 1)
-        bad.rewards, bad.policy_version, bad.num_generations = torch.zeros(2), 0, 2
-        assert requests.post(url + "/upload", data=encode_batch(bad), headers=auth, timeout=30).status_code == 202
-        good = make(1, 3, 3, 2)
-        good.rewards, good.policy_version, good.num_generations = torch.zeros(1), 0, 1
+        # An uploaded batch the model cannot score is dead-lettered with its reason; the worker goes on.
+        bad = as_rollout(make(2, 3, 3, 1))
+        answer = requests.post(url + "/upload", data=encode_batch(bad), headers=auth, timeout=30)
+        assert answer.status_code == 202
+        good = as_rollout(make(1, 3, 3, 2), num_generations=1)
         assert requests.post(url + "/upload", data=encode_batch(good), headers=auth, timeout=30).status_code == 202
         deadline = time.time() + 30
         while time.time() < deadline:
@@ -158,6 +172,9 @@ def test_http_500_on_model_failure_and_the_server_keeps_serving(tiny_model):
         assert got.status_code == 200 and decode_batch(got.content).batch_size == 1
         stats = requests.get(url + "/stats", headers=auth, timeout=30).json()
         assert stats["upload_failures"] == 1 and stats["errors"]["model_error"] == 1
+        assert stats["dead_lettered"] == 1
+        [dead] = stats["recent_dead_letters"]
+        assert dead["batch_id"] == answer.json()["batch_id"] and "out of memory" in dead["reason"]
     finally:
         stop.set()
         server.close()

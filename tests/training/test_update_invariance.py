@@ -104,13 +104,18 @@ def test_a_worker_batch_is_split_into_whole_groups_per_rank():
 
 
 def test_a_worker_batch_that_is_not_one_step_is_refused_naming_the_contract(step_inputs, world_of_one):
-    from grpo_split.config.parsing import ConfigError
     from grpo_split.contract.batch import encode_batch
     from grpo_split.rollouts.sources import ServerRollouts, rank_share
 
     model_dir, whole = step_inputs
     config = invariance.run_config(Case(2, False, 1, 1, "grpo", "token", 0.0, 1, "server"), model_dir)
     half = rank_share(whole, 0, 2)  # 8 rows where the step has 16
-    source = ServerRollouts(config, invariance._QueueOfOne(encode_batch(half)), rank=0, world_size=1, eos_ids=[0])
-    with pytest.raises(ConfigError, match="One uploaded batch is one training step"):
+    config.server.rollout_wait = 0.01
+    queue = invariance._QueueOfOne(encode_batch(half))
+    source = ServerRollouts(config, queue, rank=0, world_size=1, eos_ids=[0])
+    # Dead-lettered, not raised (a raise left it leased, to crash the restarted trainer again); the
+    # queue then holds nothing, so this trainer times out waiting for a batch it can use.
+    with pytest.raises(TimeoutError, match="no rollout batch arrived"):
         source.next_batch(policy_version=0)
+    [reason] = queue.dead_letters
+    assert "One uploaded batch is one training step" in reason and source.metrics()["dead_lettered_batches"] == 1
