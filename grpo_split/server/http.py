@@ -63,7 +63,8 @@ class JSONErrorTask(ErrorTask):
         server = self.channel.server
         message = f"{error.reason}: {error.body}"
         if error.code == 413:
-            message = server.body_too_large_message(self.request.content_length)
+            # A chunked body has no Content-Length: waitress stopped reading it at the cap.
+            message = server.body_too_large_message(self.request.content_length or self.request.body_bytes_received)
         elif error.code == 431:
             message = (f"request line and headers are over the limit of {server.adj.max_request_header_size} bytes; "
                        "send a shorter request")

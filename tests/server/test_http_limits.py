@@ -216,6 +216,8 @@ def test_requests_beyond_the_inflight_budget_get_503_with_retry_after():
     (b"POST /logps HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: -5\r\n\r\n", 400),
     (b"POST /logps HTTP/1.1\r\nHost: 127.0.0.1\r\nTransfer-Encoding: gzip\r\n\r\n", 501),
     (b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Big: " + b"a" * 300_000 + b"\r\n\r\n", 431),
+    (b"POST /logps HTTP/1.1\r\nHost: 127.0.0.1\r\nTransfer-Encoding: chunked\r\n\r\n"  # over the cap, no length
+     + b"%x\r\n" % 2_000_000 + b"\0" * 2_000_000 + b"\r\n0\r\n\r\n", 413),
 ])
 def test_requests_waitress_refuses_itself_get_json_errors(limited_server, request_bytes, status):
     assert_json_error(*raw_exchange(limited_server.url, request_bytes), status)
