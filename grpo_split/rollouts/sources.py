@@ -202,7 +202,15 @@ class ServerRollouts:
         deadline = time.monotonic() + server.rollout_wait
         delays = backoff_delays()
         while True:
-            batch = self.client.get(lease_seconds=max(server.ref_server_timeout, MIN_LEASE_SECONDS))
+            try:
+                batch = self.client.get(lease_seconds=max(server.ref_server_timeout, MIN_LEASE_SECONDS))
+            except ConnectionError as exc:
+                # A server restarting (with --queue_dir nothing is lost) is waited for like an empty queue.
+                if time.monotonic() > deadline:
+                    raise
+                print(f"WARNING: {exc}; waiting for the server to come back (rollout_wait={server.rollout_wait:g} s)",
+                      flush=True)
+                batch = None
             if batch is None:
                 if time.monotonic() > deadline:
                     raise TimeoutError(
@@ -259,21 +267,35 @@ class ServerRollouts:
         self._settle_id(batch.batch_id, batch.lease, dead_reason)
 
     def _settle_id(self, batch_id: str, lease: str, dead_reason: str | None) -> None:
-        """Ack (or dead-letter, with a reason) a leased batch. A 404 or 409 does not stop training: the
-        server restarted without --queue_dir (the batch is gone) or the lease ran out and the batch went
-        to another consumer or to the dead letters (then it may be trained on twice); either way this
-        step is done, so the answer is printed and the run goes on."""
-        try:
-            if dead_reason is None:
-                self.client.ack(batch_id, lease)
-            else:
-                self.client.dead_letter(batch_id, lease, dead_reason)
-        except RefServerError as exc:
-            if exc.status not in (404, 409):
-                raise
-            self.settle_conflicts += 1
-            print(f"WARNING: the server did not take the {'ack' if dead_reason is None else 'dead letter'} of batch "
-                  f"{batch_id} (HTTP {exc.status}: {exc.message}); training goes on", flush=True)
+        """Ack (or dead-letter, with a reason) a leased batch. A server that cannot be reached is retried
+        for `ref_server_wait` seconds (a restart with --queue_dir keeps the lease, so the ack still
+        lands). A 404 or 409 does not stop training: the server restarted without --queue_dir (the
+        batch is gone) or the lease ran out and the batch went to another consumer or to the dead
+        letters (then it may be trained on twice); either way this step is done, so the answer is
+        printed and the run goes on."""
+        deadline = time.monotonic() + self.config.server.ref_server_wait
+        delays = backoff_delays()
+        while True:
+            try:
+                if dead_reason is None:
+                    self.client.ack(batch_id, lease)
+                else:
+                    self.client.dead_letter(batch_id, lease, dead_reason)
+                return
+            except RefServerError as exc:
+                if exc.status not in (404, 409):
+                    raise
+                self.settle_conflicts += 1
+                print(f"WARNING: the server did not take the {'ack' if dead_reason is None else 'dead letter'} of "
+                      f"batch {batch_id} (HTTP {exc.status}: {exc.message}); training goes on", flush=True)
+                return
+            except ConnectionError as exc:
+                # The server is restarting: with --queue_dir it still honours this lease once it is back.
+                if time.monotonic() > deadline:
+                    raise
+                print(f"WARNING: {exc}; retrying the settlement of batch {batch_id} for up to ref_server_wait="
+                      f"{self.config.server.ref_server_wait:g} s", flush=True)
+                time.sleep(next(delays))
 
 
 def rank_share(batch: Batch, rank: int, world_size: int) -> Batch:

@@ -118,3 +118,32 @@ def test_an_ack_the_restarted_server_refuses_does_not_stop_training(tmp_path, to
         source.next_batch(policy_version=0)
         source.ack_all()  # must not raise
         assert source.leased == [] and f"HTTP {status}" in capsys.readouterr().out
+
+
+def test_a_restarting_server_is_waited_for_at_get_and_at_ack(tmp_path, toy_model_dir, toy_dataset_path, capsys):
+    """A server that is down for a moment (a restart with --queue_dir loses nothing) does not end the run."""
+
+    class Restarting(FakeQueue):
+        def __init__(self, batches, outages: int):
+            super().__init__(batches)
+            self.outages = {"get": outages, "ack": outages}
+
+        def _maybe_down(self, call: str):
+            if self.outages[call] > 0:
+                self.outages[call] -= 1
+                raise ConnectionError("no reference server at http://127.0.0.1:1")
+
+        def get(self, lease_seconds: float):
+            self._maybe_down("get")
+            return super().get(lease_seconds)
+
+        def ack(self, batch_id: str, lease: str) -> None:
+            self._maybe_down("ack")
+            super().ack(batch_id, lease)
+
+    queue = Restarting([worker_batch("b")], outages=2)
+    source = server_source(tmp_path, toy_model_dir, toy_dataset_path, queue)
+    assert source.next_batch(policy_version=0).batch_id == "b"
+    source.ack_all()
+    assert queue.acked == [("b", "lease-b")]
+    assert capsys.readouterr().out.count("no reference server") == 4
