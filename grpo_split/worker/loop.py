@@ -72,13 +72,30 @@ def run_worker(config: RunConfig) -> int:
                 # The sampling policy's log-probs, for the trainer's importance ratio.
                 batch.old_logps = frozen_logps(model, batch.input_ids, batch.attention_mask, batch.prompt_length,
                                                   batch.temperature)
-                answer = client.upload(batch, max_wait=server.rollout_wait)
+                answer = upload_across_restarts(client, batch, max_wait=server.rollout_wait,
+                                                ready_wait=server.ref_server_wait)
                 uploaded += 1
                 print(f"uploaded batch {uploaded} (policy version {version}, reward "
                       f"{rollouts.rewards.nanmean():.3f}, queued as {answer.get('batch_id')})", flush=True)
     finally:
         stop.restore()
     return 0
+
+
+def upload_across_restarts(client: RefServerClient, batch, max_wait: float, ready_wait: float) -> dict:
+    """Upload `batch`; when no server answers (a restart: with --queue_dir it lost nothing it had
+    accepted), wait up to `ready_wait` s for its /health and send the batch once more.
+
+    A server killed after storing an upload but before its 202 reached us gets the batch twice
+    (two batch ids); the window is one commit long.
+    """
+    try:
+        return client.upload(batch, max_wait=max_wait)
+    except ConnectionError as exc:
+        print(f"warning: {exc}; waiting up to {ready_wait:g} s (ref_server_wait) for the server to come back",
+              file=sys.stderr, flush=True)
+        client.wait_ready(timeout=ready_wait)
+        return client.upload(batch, max_wait=max_wait)
 
 
 def newest_policy(output_dir: Path, model, version: int, device, dtype, worker_id: int):
