@@ -190,6 +190,7 @@ class GuardedServer(TcpWSGIServer):
             sheddable = new
         victim = min(sheddable, key=lambda channel: (channel.served > 0, channel.waiting_since()))
         self.count_error("connection_shed")
+        victim.linger_on_close = False  # shed for room: no draining
         victim.handle_close()
 
     def maintenance(self, now):
