@@ -28,6 +28,7 @@ import json
 import math
 import os
 import time
+import uuid
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from urllib.parse import quote, urlsplit
@@ -272,18 +273,23 @@ class RefServerClient:
             )
         return ref_logps
 
-    def upload(self, batch: Batch, *, max_wait: float = 600.0) -> dict:
-        """POST the batch to /upload; return the server's JSON (`queued`: queue depth).
+    def upload(self, batch: Batch, *, max_wait: float = 600.0, upload_id: str | None = None) -> dict:
+        """POST the batch to /upload; return the server's JSON (`queued`: queue depth, `batch_id`).
 
         A full queue (503) is retried, sleeping what `Retry-After` says, for at most `max_wait`
         seconds; then TimeoutError. Each retry goes to the next URL, which may have room.
+        Every attempt carries `upload_id` (a fresh one by default; pass the same one when calling
+        again for the same batch), so a server that stored the batch but whose 202 was lost answers
+        the resend with the first batch_id (`duplicate`: true) instead of queueing it twice.
         """
         body = encode_batch(batch)
+        params = {"upload_id": upload_id or uuid.uuid4().hex}
         start = time.monotonic()
         deadline = start + max_wait
         busy = 0
         while True:
-            url, response = self._request("POST", "/upload", data=body, retry_busy=False, resend_on_timeout=False)
+            url, response = self._request("POST", "/upload", data=body, params=params, retry_busy=False,
+                                          resend_on_timeout=False)
             if response.status_code != 503:
                 return self._json(response, url, "/upload")
             remaining = deadline - time.monotonic()

@@ -13,6 +13,7 @@ import hmac
 import ipaddress
 import json
 import logging
+import re
 import threading
 import time
 
@@ -31,6 +32,8 @@ log = logging.getLogger("ref_server")
 MAX_REASON_CHARS = 500
 # The response header of GET /get that carries the lease id an ack or dead letter must name.
 LEASE_HEADER = "X-Lease-Id"
+# POST /upload?upload_id=...: the uploader's id of one upload, the same on every resend of it.
+UPLOAD_ID = re.compile(r"[A-Za-z0-9_-]{1,128}")
 
 # How long the upload worker waits for an upload before it looks at its stop flag again: the most
 # an idle worker adds to shutdown.
@@ -127,16 +130,20 @@ class ReferenceServerApp:
         return _batch_reply(encode_batch(batch))
 
     def upload(self):
+        upload_id = bottle.request.query.get("upload_id")
+        if upload_id is not None and not UPLOAD_ID.fullmatch(upload_id):
+            raise HTTPFailure(400, "bad_request", "upload_id: must be 1..128 characters of [A-Za-z0-9_-]")
         batch = self._read_batch(require_rollout=True)
         try:
             # A durable queue stores the batch's bytes before the 202; re-encoded, as the body is not kept.
             payload = encode_batch(batch) if self.queue.durable else None
-            batch_id, depth = self.queue.admit(batch, tokens=batch.batch_size * batch.seq_len, payload=payload)
+            batch_id, depth, new = self.queue.admit(batch, tokens=batch.batch_size * batch.seq_len, payload=payload,
+                                                    upload_id=upload_id)
         except QueueFull as exc:
             raise HTTPFailure(
                 503, "queue_full", f"{exc}; retry later", {"Retry-After": str(self.config.retry_after_seconds)}
             ) from exc
-        return _reply(202, {"queued": depth, "batch_id": batch_id})
+        return _reply(202, {"queued": depth, "batch_id": batch_id, **({} if new else {"duplicate": True})})
 
     def get(self):
         if bottle.request.method == "HEAD":  # bottle routes HEAD here; a HEAD answer has no body, so lease nothing

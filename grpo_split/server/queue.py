@@ -85,6 +85,8 @@ class RolloutQueue:
         # batch_id -> ("acked", lease) or ("dead", reason): for clear answers to a repeated settlement.
         self._settled: collections.OrderedDict[str, tuple[str, str]] = collections.OrderedDict()
         self._recent_dead: collections.deque[dict] = collections.deque(maxlen=RECENT_DEAD_LETTERS)
+        # upload_id -> batch_id of recent uploads: an upload sent again (its 202 was lost) is not queued twice.
+        self._uploads: collections.OrderedDict[str, str] = collections.OrderedDict()
         # Changed only under the lock; `stats` reads them together with the depths.
         self.delivered = 0
         self.lease_expirations = 0
@@ -106,6 +108,8 @@ class RolloutQueue:
         now, wall_now = self._clock(), self._wall_clock()
         for row in store.load():
             last_seq = row.seq
+            if row.upload_id is not None:
+                self._remember_upload(row.upload_id, row.batch_id)
             entry = QueuedBatch(row.seq, row.batch_id, None, lease=row.lease, deliveries=row.deliveries)
             if row.state == "acked":
                 self._remember(row.batch_id, ("acked", row.lease or ""))
@@ -129,14 +133,19 @@ class RolloutQueue:
         heapq.heapify(self._ready)
         self._seq = itertools.count(last_seq + 1)
 
-    def admit(self, item: Any, tokens: int, payload: bytes | None = None) -> tuple[str, int]:
-        """Queue an uploaded batch for scoring; returns (batch_id, depth). Raises QueueFull.
+    def admit(self, item: Any, tokens: int, payload: bytes | None = None,
+              upload_id: str | None = None) -> tuple[str, int, bool]:
+        """Queue an uploaded batch for scoring; returns (batch_id, depth, new). Raises QueueFull.
 
-        A durable queue needs `payload`, the batch's bytes, and has them on disk before returning.
+        An `upload_id` seen before (the uploader resent a batch whose answer it never got) admits
+        nothing and returns the first upload's batch_id with new=False. A durable queue needs
+        `payload`, the batch's bytes, and has them on disk before returning.
         """
         with self._lock:
             self._expire_leases()
             depth = self._awaiting()
+            if upload_id is not None and upload_id in self._uploads:
+                return self._uploads[upload_id], depth, False
             if depth >= self.max_queue:
                 raise QueueFull(f"queue full: {depth} batches awaiting settlement (max_queue={self.max_queue})")
             seq = next(self._seq)
@@ -144,10 +153,12 @@ class RolloutQueue:
             if self.store is not None:
                 if payload is None:
                     raise ValueError("a durable queue needs the batch's bytes to admit it")
-                self.store.add(seq, batch_id, payload)
+                self.store.add(seq, batch_id, payload, upload_id)
+            if upload_id is not None:
+                self._remember_upload(upload_id, batch_id)
             self._pending.append(QueuedBatch(seq, batch_id, item, tokens=tokens))
             self._lock.notify_all()
-            return batch_id, depth + 1
+            return batch_id, depth + 1, True
 
     def next_to_score(self, timeout: float) -> QueuedBatch | None:
         """The oldest uploaded batch, for the scoring worker; None when none arrives within `timeout`."""
@@ -261,6 +272,11 @@ class RolloutQueue:
         self._settled[batch_id] = outcome
         while len(self._settled) > REMEMBERED_SETTLED:
             self._settled.popitem(last=False)
+
+    def _remember_upload(self, upload_id: str, batch_id: str) -> None:
+        self._uploads[upload_id] = batch_id
+        while len(self._uploads) > REMEMBERED_SETTLED:
+            self._uploads.popitem(last=False)
 
     def _expire_leases(self) -> None:
         now = self._clock()

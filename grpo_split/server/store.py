@@ -16,8 +16,9 @@ Rows: `seq` (upload order), `batch_id`, `state` (pending | ready | leased | acke
 bytes (the upload while pending, the scored batch once ready; kept for dead letters so an operator
 can look at them; dropped once acknowledged), `deliveries`, the current `lease` id and its
 wall-clock `deadline` (leases survive a restart: the trainer that holds one can still acknowledge
-it), and the dead letter's `reason`. Acknowledged rows keep only their id and lease, so that an ack
-repeated after a restart is recognised; the newest `KEEP_ACKED` of them are kept.
+it), the dead letter's `reason`, and the uploader's `upload_id` (a resent upload is recognised).
+Acknowledged rows keep only their ids and lease, so that an ack or upload repeated after a restart
+is recognised; the newest `KEEP_ACKED` of them are kept.
 
 One server per directory: an exclusive `flock` on `DIR/lock`, released by the kernel when the
 process dies however it dies.
@@ -50,6 +51,7 @@ class StoredBatch:
     lease: str | None
     deadline: float | None  # wall-clock seconds (time.time())
     reason: str | None
+    upload_id: str | None  # the uploader's id of the upload, so a resent upload is recognised
 
 
 class SqliteQueueStore:
@@ -75,7 +77,7 @@ class SqliteQueueStore:
         self._db.execute(
             "CREATE TABLE IF NOT EXISTS batches (seq INTEGER PRIMARY KEY, batch_id TEXT UNIQUE NOT NULL, "
             "state TEXT NOT NULL, payload BLOB, deliveries INTEGER NOT NULL DEFAULT 0, lease TEXT, deadline REAL, "
-            "reason TEXT)"
+            "reason TEXT, upload_id TEXT)"
         )
         self._db.execute(
             "DELETE FROM batches WHERE state = 'acked' AND seq NOT IN "
@@ -85,13 +87,14 @@ class SqliteQueueStore:
     def load(self) -> list[StoredBatch]:
         """Every row, in upload order."""
         rows = self._db.execute(
-            "SELECT seq, batch_id, state, payload, deliveries, lease, deadline, reason FROM batches ORDER BY seq"
+            "SELECT seq, batch_id, state, payload, deliveries, lease, deadline, reason, upload_id FROM batches "
+            "ORDER BY seq"
         )
         return [StoredBatch(*row) for row in rows]
 
-    def add(self, seq: int, batch_id: str, payload: bytes) -> None:
-        self._db.execute("INSERT INTO batches (seq, batch_id, state, payload) VALUES (?, ?, 'pending', ?)",
-                         (seq, batch_id, payload))
+    def add(self, seq: int, batch_id: str, payload: bytes, upload_id: str | None = None) -> None:
+        self._db.execute("INSERT INTO batches (seq, batch_id, state, payload, upload_id) "
+                         "VALUES (?, ?, 'pending', ?, ?)", (seq, batch_id, payload, upload_id))
 
     def scored(self, batch_id: str, payload: bytes) -> None:
         self._db.execute("UPDATE batches SET state = 'ready', payload = ? WHERE batch_id = ?", (payload, batch_id))

@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import sys
 import time
+import uuid
 from pathlib import Path
 
 import torch
@@ -86,16 +87,17 @@ def upload_across_restarts(client: RefServerClient, batch, max_wait: float, read
     """Upload `batch`; when no server answers (a restart: with --queue_dir it lost nothing it had
     accepted), wait up to `ready_wait` s for its /health and send the batch once more.
 
-    A server killed after storing an upload but before its 202 reached us gets the batch twice
-    (two batch ids); the window is one commit long.
+    Both sends carry one upload id: a server (with --queue_dir) that stored the batch before it was
+    killed, its 202 lost, answers the resend with the stored batch's id instead of queueing it twice.
     """
+    upload_id = uuid.uuid4().hex  # the same on the resend, so a server that had stored it does not queue it twice
     try:
-        return client.upload(batch, max_wait=max_wait)
+        return client.upload(batch, max_wait=max_wait, upload_id=upload_id)
     except ConnectionError as exc:
         print(f"warning: {exc}; waiting up to {ready_wait:g} s (ref_server_wait) for the server to come back",
               file=sys.stderr, flush=True)
         client.wait_ready(timeout=ready_wait)
-        return client.upload(batch, max_wait=max_wait)
+        return client.upload(batch, max_wait=max_wait, upload_id=upload_id)
 
 
 def newest_policy(output_dir: Path, model, version: int, device, dtype, worker_id: int):

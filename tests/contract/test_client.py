@@ -71,6 +71,7 @@ class FakeRefServer:
         self.logps_done = threading.Event()  # set when a /logps handler has finished, answer sent or not
         self.ready: collections.deque[Batch] = collections.deque()  # what /get hands out; empty -> 204
         self.queued: list[Batch] = []
+        self.upload_ids: list[str | None] = []  # the upload_id query parameter of each /upload
         self.leased: dict[str, str] = {}  # batch_id -> lease id
         self.acked: list[str] = []
         self.dead_letters: list[tuple[str, str]] = []  # (batch_id, reason)
@@ -123,6 +124,7 @@ class FakeRefServer:
         return encode_batch(dataclasses.replace(batch, ref_logps=fake_ref_logps(batch)))
 
     def upload(self):
+        self.upload_ids.append(bottle.request.query.get("upload_id"))
         if self.upload_busy > 0:
             self.upload_busy -= 1
             return self._busy()
@@ -223,6 +225,17 @@ def test_upload_is_retried_through_503(start_fake):
     assert answer == {"queued": 1}
     assert fake.hits["upload"] == 3
     torch.testing.assert_close(fake.queued[0].input_ids, make_batch().input_ids)
+    # One upload id on every attempt, so a server that stored an attempt whose answer was lost can tell.
+    assert len(set(fake.upload_ids)) == 1 and fake.upload_ids[0]
+
+
+def test_each_upload_has_its_own_id_unless_the_caller_resends_one(start_fake):
+    fake, url = start_fake()
+    with fast_client(url) as client:
+        client.upload(make_batch())
+        client.upload(make_batch())
+        client.upload(make_batch(), upload_id="resent-7")
+    assert fake.upload_ids[0] != fake.upload_ids[1] and fake.upload_ids[2] == "resent-7"
 
 
 def test_upload_waits_as_long_as_retry_after_says(start_fake):

@@ -171,7 +171,7 @@ def test_a_consumer_dead_letters_a_batch_it_cannot_use(tiny_model):
 def test_queue_settlement_rules_in_memory():
     clock = [0.0]
     queue = RolloutQueue(max_queue=4, clock=lambda: clock[0], max_deliveries=3)
-    batch_id, _ = queue.admit("a", tokens=1)
+    batch_id, _, _ = queue.admit("a", tokens=1)
     with pytest.raises(StaleLease, match="not been delivered"):
         queue.ack(batch_id, "any")
     queue.scored(queue.next_to_score(timeout=0), b"a")
@@ -183,3 +183,17 @@ def test_queue_settlement_rules_in_memory():
     assert queue.ack(batch_id, second) and not queue.ack(batch_id, second)
     with pytest.raises(StaleLease, match="already acknowledged"):
         queue.dead_letter(batch_id, second, "too late")
+
+
+def test_an_upload_sent_again_with_its_upload_id_is_queued_once(tiny_model):
+    with serving(tiny_model) as (url, client):
+        body = encode_batch(rollout())
+        first = requests.post(url + "/upload", params={"upload_id": "w1-17"}, data=body, timeout=30)
+        again = requests.post(url + "/upload", params={"upload_id": "w1-17"}, data=body, timeout=30)
+        assert first.status_code == again.status_code == 202
+        assert again.json()["batch_id"] == first.json()["batch_id"] and again.json()["duplicate"] is True
+        assert "duplicate" not in first.json()
+        bad = requests.post(url + "/upload", params={"upload_id": "no spaces"}, data=body, timeout=30)
+        assert bad.status_code == 400 and "upload_id" in bad.json()["error"]
+        get_within(client)
+        assert client.get() is None  # one batch, not two

@@ -86,7 +86,7 @@ def test_a_new_queue_on_the_same_store_continues_where_the_old_one_stopped(tmp_p
     assert [entry.batch_id for entry in delivered] == [ids[2], ids[4], ids[5], ids[6]]  # upload order, once each
     assert [number(decode_batch(entry.payload)) for entry in delivered] == [2, 4, 5, 6]
     assert delivered[0].deliveries == 2  # the delivery count survived too
-    next_id, _ = again.admit(rollout(7), tokens=14, payload=encode_batch(rollout(7)))
+    next_id, _, _ = again.admit(rollout(7), tokens=14, payload=encode_batch(rollout(7)))
     assert next_id > ids[-1]  # ids keep growing: never one of a batch settled before
     again.store.close()
 
@@ -115,7 +115,7 @@ def test_kill_9_loses_no_accepted_upload_and_delivers_each_once_in_order(tiny_mo
     server = ServerProcess(tiny_model_dir, "--queue_dir", str(queue_dir))
     try:
         with RefServerClient(server.url, timeout=30, max_retries=2, backoff=0.05) as client:
-            uploaded = [client.upload(rollout(n))["batch_id"] for n in range(6)]
+            uploaded = [client.upload(rollout(n), upload_id=f"up-{n}")["batch_id"] for n in range(6)]
             wait_for(lambda: client.stats()["queue"]["ready"] == 6)
             acked = client.get(lease_seconds=60)
             client.ack(acked.batch_id, acked.lease)
@@ -132,6 +132,9 @@ def test_kill_9_loses_no_accepted_upload_and_delivers_each_once_in_order(tiny_mo
         wait_for(lambda: any("5 unsettled batches recovered" in line for line in restarted.stderr_lines), 10)
         with RefServerClient(restarted.url, timeout=30, max_retries=2, backoff=0.05) as client:
             client.ack(held.batch_id, held.lease)  # the lease survived the restart: no 404, nothing trained twice
+            # A worker that never saw its 202 before the kill sends the batch again: recognised, not queued twice.
+            resent = client.upload(rollout(5), upload_id="up-5")
+            assert resent["batch_id"] == uploaded[5] and resent["duplicate"] is True
             time.sleep(1.1)  # past the lapsed lease: its batch is due again, at its place in upload order
             delivered = []
             while (batch := client.get(lease_seconds=60)) is not None:

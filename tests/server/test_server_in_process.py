@@ -28,7 +28,7 @@ class FakeClock:
 
 
 def admit_and_score(queue: RolloutQueue, name: str) -> str:
-    batch_id, _ = queue.admit(name, tokens=1)
+    batch_id, _, _ = queue.admit(name, tokens=1)
     entry = queue.next_to_score(timeout=0)
     queue.scored(entry, name.encode())
     return batch_id

@@ -13,7 +13,7 @@ class RestartingServer:
         self.ready_waits: list[float] = []
         self.down = True
 
-    def upload(self, batch, max_wait: float) -> dict:
+    def upload(self, batch, max_wait: float, upload_id: str) -> dict:
         if self.down:
             raise ConnectionError("no reference server at http://127.0.0.1:1")
         self.uploads.append(batch)
