@@ -6,7 +6,9 @@
 
 Endpoints (batches are `grpo_split.contract.batch` bytes; everything else is JSON):
     POST /logps          a batch -> the same batch with `ref_logps` (B, T-P); concurrent requests are coalesced
-    POST /upload         a generation worker's scored rollout batch -> 202 {queued}; 503 + Retry-After when full
+    POST /upload?upload_id=U  a generation worker's scored rollout batch (every field a trainer needs, else 400)
+                         -> 202 {queued, batch_id}; the same U again -> the first batch_id, "duplicate": true;
+                         503 + Retry-After when full (leased batches count)
     GET  /get?lease=S    the oldest batch with reference log-probs and a `batch_id`, leased under the id in its
                          X-Lease-Id header; 204 when none is ready (HEAD /get: 200 or 204, leases nothing)
     POST /ack/<id>?lease=L  settle a delivered batch; unacknowledged batches are delivered again after their lease,
@@ -14,7 +16,8 @@ Endpoints (batches are `grpo_split.contract.batch` bytes; everything else is JSO
     POST /dead/<id>      {"lease": L, "reason": "..."}: a consumer settles a batch it cannot use as a dead letter
     GET  /health         status, model, vocab size, device, dtype, wire format, max_request_tokens (never needs
                          the token)
-    GET  /stats          queue depths, batches and tokens processed, tokens/s, errors by kind
+    GET  /stats          queue depths, batches and tokens processed, tokens/s, errors by kind, dead letters (count
+                         and the last reasons)
 Errors are JSON `{"error": "..."}` with 400 (bad input), 401, 404, 409 (stale lease), 411, 413, 503 (+ Retry-After)
 or 500. With --queue_dir every accepted upload is on disk before its 202 (grpo_split/server/store.py).
 Limits (grpo_split/server/http.py): 413 over --max_request_tokens (refused from Content-Length before the body is
@@ -101,8 +104,8 @@ def make_queue(config: ServerConfig) -> RolloutQueue:
         return RolloutQueue(config.max_queue, max_deliveries=config.max_deliveries)
     queue = RolloutQueue(config.max_queue, max_deliveries=config.max_deliveries,
                          store=SqliteQueueStore(config.queue_dir))
-    log.info("upload queue on disk in %s: %d unsettled batches recovered (%s)", config.queue_dir, queue.recovered,
-             queue.depths())
+    log.info("upload queue on disk in %s: %d unsettled batches recovered (%s), %d dead letters", config.queue_dir,
+             queue.recovered, queue.depths(), queue.dead_lettered)
     return queue
 
 

@@ -40,7 +40,8 @@ class ServerConfig:
         default=16384, metadata={"help": "token budget (rows x sequence length) of one forward micro-batch"}
     )
     max_queue: int = field(
-        default=64, metadata={"help": "uploaded batches held at most (awaiting scoring or delivery)"}
+        default=64, metadata={"help": "uploaded batches held at most (awaiting scoring, delivery or the ack of their "
+                                      "lease); past it /upload answers 503 + Retry-After"}
     )
     max_request_mb: float = field(default=256.0, metadata={"help": "request bodies above this many MB get 413"})
     max_request_tokens: int = field(

@@ -62,6 +62,7 @@ class QueuedBatch:
     tokens: int = field(default=0, compare=False)
     lease: str | None = field(default=None, compare=False)  # the last lease issued for it
     deliveries: int = field(default=0, compare=False)
+    scoring_attempts: int = field(default=0, compare=False)
 
 
 class RolloutQueue:
@@ -117,7 +118,14 @@ class RolloutQueue:
                 self.dead_lettered += 1
                 self._remember(row.batch_id, ("dead", row.reason or ""))
                 self._recent_dead.append({"batch_id": row.batch_id, "reason": row.reason})
+            elif row.state == "pending" and row.scoring_attempts >= self.max_deliveries:
+                # Each earlier server died while scoring it: a batch that crashes the server must not crash every
+                # restarted one too.
+                entry.scoring_attempts = row.scoring_attempts
+                self._dead_letter(entry, f"scoring was begun {row.scoring_attempts} times and the server stopped "
+                                         "during each (did this batch crash it?)")
             elif row.state == "pending":
+                entry.scoring_attempts = row.scoring_attempts
                 entry.item = decode_batch(row.payload)
                 entry.tokens = entry.item.batch_size * entry.item.seq_len
                 self._pending.append(entry)
@@ -167,6 +175,10 @@ class RolloutQueue:
                 self._lock.wait(timeout)
             if not self._pending:
                 return None
+            entry = self._pending[0]
+            if self.store is not None:
+                self.store.scoring(entry.batch_id, entry.scoring_attempts + 1)
+            entry.scoring_attempts += 1
             self._scoring += 1
             return self._pending.popleft()
 

@@ -52,6 +52,7 @@ class StoredBatch:
     deadline: float | None  # wall-clock seconds (time.time())
     reason: str | None
     upload_id: str | None  # the uploader's id of the upload, so a resent upload is recognised
+    scoring_attempts: int  # scorings begun: a batch whose scoring kills the server is not retried forever
 
 
 class SqliteQueueStore:
@@ -77,7 +78,7 @@ class SqliteQueueStore:
         self._db.execute(
             "CREATE TABLE IF NOT EXISTS batches (seq INTEGER PRIMARY KEY, batch_id TEXT UNIQUE NOT NULL, "
             "state TEXT NOT NULL, payload BLOB, deliveries INTEGER NOT NULL DEFAULT 0, lease TEXT, deadline REAL, "
-            "reason TEXT, upload_id TEXT)"
+            "reason TEXT, upload_id TEXT, scoring_attempts INTEGER NOT NULL DEFAULT 0)"
         )
         self._db.execute(
             "DELETE FROM batches WHERE state = 'acked' AND seq NOT IN "
@@ -87,14 +88,17 @@ class SqliteQueueStore:
     def load(self) -> list[StoredBatch]:
         """Every row, in upload order."""
         rows = self._db.execute(
-            "SELECT seq, batch_id, state, payload, deliveries, lease, deadline, reason, upload_id FROM batches "
-            "ORDER BY seq"
+            "SELECT seq, batch_id, state, payload, deliveries, lease, deadline, reason, upload_id, scoring_attempts "
+            "FROM batches ORDER BY seq"
         )
         return [StoredBatch(*row) for row in rows]
 
     def add(self, seq: int, batch_id: str, payload: bytes, upload_id: str | None = None) -> None:
         self._db.execute("INSERT INTO batches (seq, batch_id, state, payload, upload_id) "
                          "VALUES (?, ?, 'pending', ?, ?)", (seq, batch_id, payload, upload_id))
+
+    def scoring(self, batch_id: str, attempts: int) -> None:
+        self._db.execute("UPDATE batches SET scoring_attempts = ? WHERE batch_id = ?", (attempts, batch_id))
 
     def scored(self, batch_id: str, payload: bytes) -> None:
         self._db.execute("UPDATE batches SET state = 'ready', payload = ? WHERE batch_id = ?", (payload, batch_id))

@@ -91,6 +91,22 @@ def test_a_new_queue_on_the_same_store_continues_where_the_old_one_stopped(tmp_p
     again.store.close()
 
 
+def test_an_upload_whose_scoring_kills_the_server_every_time_is_dead_lettered(tmp_path):
+    clock = FakeClock()
+    queue = durable_queue(tmp_path, clock, max_deliveries=2)
+    poison, _, _ = queue.admit(rollout(0), tokens=14, payload=encode_batch(rollout(0)))
+    queue.admit(rollout(1), tokens=14, payload=encode_batch(rollout(1)))
+    for _ in range(2):  # the server dies while scoring it, twice
+        assert queue.next_to_score(timeout=0).batch_id == poison
+        queue.store.close()
+        queue = durable_queue(tmp_path, clock, max_deliveries=2)
+    assert queue.stats()["recent_dead_letters"] == [{"batch_id": poison, "reason": (
+        "scoring was begun 2 times and the server stopped during each (did this batch crash it?)")}]
+    score_next(queue)  # the next upload is not stuck behind it
+    assert number(decode_batch(queue.take(lease_seconds=5).payload)) == 1
+    queue.store.close()
+
+
 def test_one_server_per_queue_dir(tmp_path):
     store = SqliteQueueStore(tmp_path)
     with pytest.raises(QueueDirBusy, match="in use by another ref_server"):
