@@ -205,11 +205,11 @@ class RolloutQueue:
             self._expire_leases()
             if not self._ready:
                 return None
-            entry = heapq.heappop(self._ready)
-            entry.lease = uuid.uuid4().hex
-            entry.deliveries += 1
-            if self.store is not None:
-                self.store.leased(entry.batch_id, entry.lease, self._wall_clock() + lease_seconds, entry.deliveries)
+            entry, lease = self._ready[0], uuid.uuid4().hex
+            if self.store is not None:  # on disk first: if that fails, the batch stays ready
+                self.store.leased(entry.batch_id, lease, self._wall_clock() + lease_seconds, entry.deliveries + 1)
+            heapq.heappop(self._ready)
+            entry.lease, entry.deliveries = lease, entry.deliveries + 1
             self._leased[entry.batch_id] = (self._clock() + lease_seconds, entry)
             self.delivered += 1
             return entry
@@ -227,9 +227,10 @@ class RolloutQueue:
             settled = self._settled.get(batch_id)
             if settled == ("acked", lease):
                 return False
-            self._held_by(batch_id, lease)
+            entry = self._held_by(batch_id, lease)
             if self.store is not None:
                 self.store.acked(batch_id)
+            self._remove(entry)
             self._remember(batch_id, ("acked", lease))
             self.acknowledged += 1
             return True
@@ -239,26 +240,24 @@ class RolloutQueue:
         Raises StaleLease or UnknownBatch."""
         with self._lock:
             entry = self._held_by(batch_id, lease)
-            self._dead_letter(entry, reason)
+            self._dead_letter(entry, reason)  # on disk first: if that fails, the batch stays where it was
+            self._remove(entry)
 
     def _held_by(self, batch_id: str, lease: str) -> QueuedBatch:
-        """Remove and return the batch that `lease` holds (leased now, or its lease ran out and nobody
-        else took it since); StaleLease or UnknownBatch otherwise, changing nothing."""
+        """The batch that `lease` holds (leased now, or its lease ran out and nobody else took it
+        since); StaleLease or UnknownBatch otherwise. Changes nothing: `_remove` takes it out once
+        the store has recorded its settlement."""
         self._expire_leases()
         if batch_id in self._leased:
             entry = self._leased[batch_id][1]
             if entry.lease != lease:
                 raise StaleLease(f"batch {batch_id} is held by another lease now (yours ran out and it was delivered "
                                  "again); nothing was changed")
-            del self._leased[batch_id]
             return entry
-        for i, entry in enumerate(self._ready):
+        for entry in self._ready:
             if entry.batch_id == batch_id:
                 if entry.lease is None or entry.lease != lease:
                     raise StaleLease(f"batch {batch_id} is not held by lease {lease!r}; nothing was changed")
-                self._ready[i] = self._ready[-1]
-                self._ready.pop()
-                heapq.heapify(self._ready)
                 return entry
         settled = self._settled.get(batch_id)
         if settled is not None:
@@ -268,6 +267,12 @@ class RolloutQueue:
         if any(entry.batch_id == batch_id for entry in self._pending):
             raise StaleLease(f"batch {batch_id} has not been delivered yet; nothing was changed")
         raise UnknownBatch(f"no batch {batch_id!r} awaiting settlement (never issued, or settled long ago)")
+
+    def _remove(self, entry: QueuedBatch) -> None:
+        """Take a settled batch out of leased or ready."""
+        if self._leased.pop(entry.batch_id, None) is None:
+            self._ready.remove(entry)
+            heapq.heapify(self._ready)
 
     def _dead_letter(self, entry: QueuedBatch, reason: str) -> None:
         if self.store is not None:
