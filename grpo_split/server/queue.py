@@ -33,6 +33,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
+from grpo_split.contract.batch import decode_batch
 from grpo_split.server.store import SqliteQueueStore
 
 # How many settled ids (acknowledged, dead-lettered) and dead-letter reasons are remembered in memory,
@@ -103,15 +104,14 @@ class RolloutQueue:
 
     def _recover(self, store: SqliteQueueStore) -> None:
         """Rebuild the queue from the store (the previous process's state); see the module docstring."""
-        from grpo_split.contract.batch import decode_batch
-
         last_seq = -1
         now, wall_now = self._clock(), self._wall_clock()
         for row in store.load():
             last_seq = row.seq
             if row.upload_id is not None:
                 self._remember_upload(row.upload_id, row.batch_id)
-            entry = QueuedBatch(row.seq, row.batch_id, None, lease=row.lease, deliveries=row.deliveries)
+            entry = QueuedBatch(row.seq, row.batch_id, None, lease=row.lease, deliveries=row.deliveries,
+                                scoring_attempts=row.scoring_attempts)
             if row.state == "acked":
                 self._remember(row.batch_id, ("acked", row.lease or ""))
             elif row.state == "dead":
@@ -121,11 +121,9 @@ class RolloutQueue:
             elif row.state == "pending" and row.scoring_attempts >= self.max_deliveries:
                 # Each earlier server died while scoring it: a batch that crashes the server must not crash every
                 # restarted one too.
-                entry.scoring_attempts = row.scoring_attempts
                 self._dead_letter(entry, f"scoring was begun {row.scoring_attempts} times and the server stopped "
                                          "during each (did this batch crash it?)")
             elif row.state == "pending":
-                entry.scoring_attempts = row.scoring_attempts
                 entry.item = decode_batch(row.payload)
                 entry.tokens = entry.item.batch_size * entry.item.seq_len
                 self._pending.append(entry)
