@@ -259,8 +259,11 @@ class ServerRollouts:
         return None
 
     def ack_all(self) -> None:
+        """Acknowledge what this step trained on; one log line per batch id, to match the workers'
+        "queued as <id>" lines and the server's /stats."""
         for batch_id, lease in self.leased:
             self._settle_id(batch_id, lease, None)
+            print(f"trained on batch {batch_id}", flush=True)
         self.leased.clear()
 
     def _settle(self, batch: Batch, dead_reason: str | None) -> None:
