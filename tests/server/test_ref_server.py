@@ -168,13 +168,13 @@ def test_malformed_bodies_get_4xx_with_a_message_and_leave_the_server_working(re
     assert len(bodies) >= 300
     session = requests.Session()
     for i, body in enumerate(bodies):
-        endpoint = "/upload" if i % 2 else "/logps"
-        response = session.post(ref_server.url + endpoint, data=body, timeout=30)
-        assert 400 <= response.status_code < 500, (i, response.status_code, response.text[:200])
-        assert response.json()["error"], i
+        for endpoint in ("/logps", "/upload"):  # every body to each POST endpoint that takes a batch
+            response = session.post(ref_server.url + endpoint, data=body, timeout=30)
+            assert 400 <= response.status_code < 500, (i, endpoint, response.status_code, response.text[:200])
+            assert response.json()["error"], (i, endpoint)
     assert not marker.exists()
     stats = client.stats()
-    assert sum(stats["errors"].values()) >= len(bodies)
+    assert sum(stats["errors"].values()) >= 2 * len(bodies)
     batch = make_batch(seed=42)
     local = frozen_logps(tiny_model, batch.input_ids, batch.attention_mask, batch.prompt_length)
     torch.testing.assert_close(client.logps(batch), local, atol=1e-5, rtol=0)
