@@ -6,6 +6,7 @@ reference server and the tests share one implementation of every formula.
 
 from .advantages import completion_mask, group_advantages, reward_moments, reward_std_from_moments
 from .fused_linear import linear_logps
+from .fused_loss import linear_policy_loss
 from .logprobs import log_softmax, per_token_logps
 from .loss import k3_kl, policy_loss
 
@@ -14,6 +15,7 @@ __all__ = [
     "group_advantages",
     "k3_kl",
     "linear_logps",
+    "linear_policy_loss",
     "log_softmax",
     "per_token_logps",
     "policy_loss",
