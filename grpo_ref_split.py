@@ -21,7 +21,6 @@ One training step, as `train()` below reads:
 
 from __future__ import annotations
 
-import math
 import os
 import sys
 import time
@@ -40,7 +39,9 @@ from grpo_split.training import distributed as dist_utils
 from grpo_split.training.distributed import PeerRankFailed
 from grpo_split.training.engine import build_engine
 from grpo_split.training.metrics import MetricsLogger, step_metrics
+from grpo_split.training.reference import PendingReference, ReadyReference
 from grpo_split.training.stopping import StopRequested
+from grpo_split.training.timing import PhaseTimer
 from grpo_split.training.update import train_on_batch
 from grpo_split.worker.loop import run_worker
 
@@ -74,27 +75,40 @@ def train(config: RunConfig) -> int:
     source.policy_updated(engine, start_step)
 
     step = start_step
+    timer = PhaseTimer()
     try:
         while step < training.max_steps:
             step += 1
+            timer.reset()
             started = time.perf_counter()
             engine.eval()
-            rollouts = source.next(engine, policy_version=step - 1)
+            with timer.phase("generate"):
+                rollouts = source.next(engine, policy_version=step - 1)
             engine.train()
             batch = rollouts.batch
+            timer.merge(rollouts.timings)  # generate vs rewards, measured inside; replaces the outer time
+            timer.seconds["generate"] -= sum(rollouts.timings.values())
+            timer.count("generate", float(rollouts.lengths.sum()))
+            # Sent now, answered while the update's first forward runs (training.reference).
             if config.loss.beta > 0 and batch.ref_logps is None:
-                batch.ref_logps = client.logps(batch)  # (B, C); retries, then ConnectionError naming the server
-            losses = train_on_batch(engine, batch, config, world_size)
+                reference = PendingReference(client, batch)  # (B, C); retries, then ConnectionError naming the server
+                timer.count("reference", float(batch.attention_mask.sum()))
+            else:
+                reference = ReadyReference(batch.ref_logps)
+            with timer.phase("update", tokens=float(batch.attention_mask.sum()) * config.loss.num_iterations):
+                losses = train_on_batch(engine, batch, config, world_size, reference)
+            timer.seconds["update"] -= reference.waited
+            timer.seconds["reference"] = reference.waited
             source.policy_updated(engine, step)
 
             counters["nonfinite_steps"] += int(losses.pop("nonfinite_updates") > 0)
             metrics = step_metrics(rollouts, source.reward_names, losses, time.perf_counter() - started,
-                                   {**counters, **source.metrics()}, config.rollout.num_generations)
+                                   {**counters, **source.metrics()}, config.rollout.num_generations, timer)
             if rank == 0:
                 if step % training.logging_steps == 0 or step == training.max_steps:
                     logger.log(step, metrics)
                 progress.update(1)
-                progress.set_postfix(reward=f"{metrics['reward']:.3f}", kl=f"{metrics.get('kl', math.nan):.4f}")
+                progress.set_postfix(progress_fields(metrics))
             stopping = dist_utils.any_rank(stop.requested)
             if step % training.save_steps == 0 or step == training.max_steps or stopping:
                 state = {"step": step, "counters": counters, "rollout_source": source.state_dict()}
@@ -115,6 +129,17 @@ def train(config: RunConfig) -> int:
             logger.close()
         if client is not None:
             client.close()
+
+
+def progress_fields(metrics: dict) -> dict[str, str]:
+    """The progress bar's fields: reward, kl (when there is a reference), and the step's seconds by phase."""
+    fields = {"reward": f"{metrics['reward']:.3f}"}
+    if "kl" in metrics:
+        fields["kl"] = f"{metrics['kl']:.4f}"
+    # e.g. "gen 5.1 rew 0.0 ref 0.3 upd 5.8": where the step goes, at a glance.
+    fields["s"] = " ".join(f"{short} {metrics[f'timing/{name}']:.1f}" for name, short in
+                           (("generate", "gen"), ("rewards", "rew"), ("reference", "ref"), ("update", "upd")))
+    return fields
 
 
 def record_configuration(config: RunConfig, output_dir: Path) -> None:

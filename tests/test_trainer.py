@@ -62,10 +62,12 @@ def run_steps(argv: list[str], monkeypatch=None, record: list | None = None) -> 
     if record is not None:
         original = trainer.train_on_batch
 
-        def recording(engine, batch, config, world_size):
+        def recording(engine, batch, config, world_size, reference=None):
             before = {k: v.detach().clone() for k, v in engine.module.policy.state_dict().items()}
+            if reference is not None and batch.ref_logps is None:
+                batch.ref_logps = reference.result()  # the record holds what the update trained with
             batch_copy = copy.deepcopy(batch)
-            result = original(engine, batch, config, world_size)
+            result = original(engine, batch, config, world_size, reference)
             record.append((batch_copy, before, result))
             return result
 
@@ -156,7 +158,9 @@ METRIC_KEYS = {
     "rewards/answer_format_reward/mean", "rewards/answer_format_reward/std", "frac_reward_zero_std",
     "clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean", "completions/mean_length",
     "completions/clipped_ratio", "grad_norm", "learning_rate", "step_time", "tokens_per_second",
-    "skipped_prompts", "nonfinite_steps",
+    "skipped_prompts", "nonfinite_steps", "padding_fraction",
+    "timing/generate", "timing/rewards", "timing/reference", "timing/update", "timing/other",
+    "tokens_per_second/generate", "tokens_per_second/update",
 }
 
 
@@ -173,6 +177,12 @@ def test_two_steps_without_reference_model(tmp_path, toy_model_dir, toy_dataset_
         assert "kl" not in line  # beta = 0: no reference log-probs anywhere
         for key in METRIC_KEYS:
             assert math.isfinite(line[key]), (key, line[key])
+        # The phases cover the step: each took time (no reference here: 0), and together with
+        # `other` they add up to the step's wall time.
+        phases = [line[f"timing/{name}"] for name in ("generate", "rewards", "update")]
+        assert all(seconds > 0 for seconds in phases) and line["timing/reference"] == 0.0
+        assert sum(phases) + line["timing/other"] == pytest.approx(line["step_time"], rel=1e-6, abs=1e-6)
+        assert 0.0 <= line["padding_fraction"] < 1.0
     assert metrics[0]["nonfinite_steps"] == 0 and metrics[0]["learning_rate"] == pytest.approx(1e-3)
 
     initial = load_file(str(toy_model_dir / "model.safetensors"))
@@ -212,6 +222,8 @@ def test_two_steps_with_a_reference_server_and_the_loss_by_hand(tmp_path, toy_mo
     assert [m["step"] for m in metrics] == [1, 2]
     assert all(math.isfinite(m["kl"]) and m["kl"] >= 0 for m in metrics)
     assert metrics[1]["kl"] > 0  # after one update the policy differs from the reference
+    # The reference tokens were counted, and only the wait the update did not hide is its time.
+    assert all(m["tokens_per_second/reference"] > 0 and 0 <= m["timing/reference"] < m["step_time"] for m in metrics)
 
     from transformers import AutoModelForCausalLM
 

@@ -6,8 +6,9 @@ source and generation workers alike), or read back from a batch that came over t
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -26,6 +27,8 @@ class Rollouts:
     per_func: torch.Tensor  # (N, F) float32, NaN where a function returned None
     lengths: torch.Tensor  # (N,) completion tokens up to and including EOS
     truncated: torch.Tensor  # (N,) bool: hit max_completion_length without EOS
+    # Seconds spent building them, by phase ("generate", "rewards"); empty for a batch from the wire.
+    timings: dict[str, float] = field(default_factory=dict)
 
 
 def reward_columns(rows: list[dict], prompt_column: str, answer_column: str | None, repeat: int) -> dict[str, list]:
@@ -67,7 +70,9 @@ def make_rollouts(
     """
     prompts = [row[prompt_column] for row in rows]
     prompt_ids, prompt_mask = left_pad(encode_prompts(tokenizer, prompts, system_prompt), pad_id)  # (B, P)
+    started = time.perf_counter()
     completion_ids = sample_completions(model, prompt_ids, prompt_mask, settings, eos_ids, pad_id)  # (N, C)
+    sampled = time.perf_counter()  # the ids are on the CPU: generation has finished, on any device
     G = settings.num_generations
     attend = completion_mask(completion_ids, eos_ids)  # (N, C): up to and including the first EOS
     truncated = ended_without_eos(completion_ids, attend, eos_ids)  # (N,)
@@ -97,8 +102,9 @@ def make_rollouts(
         num_generations=G,
         temperature=settings.temperature,
     )
+    timings = {"generate": sampled - started, "rewards": time.perf_counter() - sampled}
     return Rollouts(batch=batch, rewards=rewards.float(), per_func=per_func, lengths=attend.sum(1),
-                    truncated=truncated)
+                    truncated=truncated, timings=timings)
 
 
 def ended_without_eos(completion_ids: torch.Tensor, attend: torch.Tensor, eos_ids: list[int]) -> torch.Tensor:

@@ -29,6 +29,7 @@ from grpo_split.rollouts.build import Rollouts
 from grpo_split.rollouts.metrics import rollout_metrics
 from grpo_split.training import distributed as dist_utils
 from grpo_split.training.checkpoint import write_text_atomic
+from grpo_split.training.timing import PHASES, PhaseTimer, timing_metrics
 
 METRICS_FILE = "metrics.jsonl"
 TENSORBOARD_DIR = "runs"
@@ -244,9 +245,11 @@ class MetricsLogger:
 
 
 def step_metrics(rollouts: Rollouts, reward_names: list[str], losses: dict, step_time: float,
-                 counters: dict[str, float], num_generations: int) -> dict[str, float]:
+                 counters: dict[str, float], num_generations: int, timer: PhaseTimer | None = None
+                 ) -> dict[str, float]:
     """Metrics of the whole step: rollout statistics over all ranks' rows, loss metrics weighted over ranks
-    as over micro-batches (see training.update.train_on_batch), plus the running `counters`."""
+    as over micro-batches (see training.update.train_on_batch), the running `counters`, and with a
+    `timer` the phase timings (this rank's seconds, all ranks' tokens; see training.timing)."""
     rows = (rollouts.rewards.float(), rollouts.per_func.float(), rollouts.lengths.float(), rollouts.truncated.float())
     rewards, per_func, lengths, truncated = (dist_utils.gather_rows(t) for t in rows)
     metrics = rollout_metrics(rewards, per_func, reward_names, lengths, truncated.bool(), num_generations)
@@ -254,11 +257,15 @@ def step_metrics(rollouts: Rollouts, reward_names: list[str], losses: dict, step
     keys = sorted(losses)
     weighted = [losses[k] * weights.get(k, 1.0) for k in keys] + [weights.get(k, 1.0) for k in keys]
     tokens = float(rollouts.batch.attention_mask.sum())
-    totals = dist_utils.all_reduce_sum(weighted + [tokens])
+    phase_tokens = [timer.tokens.get(name, 0.0) if timer else 0.0 for name in PHASES]
+    totals = dist_utils.all_reduce_sum(weighted + phase_tokens + [tokens])  # one collective for all sums
     for i, key in enumerate(keys):
         weight = totals[len(keys) + i]
         metrics[key] = totals[i] / weight if weight > 0 else 0.0
     metrics["step_time"] = step_time
     metrics["tokens_per_second"] = totals[-1] / step_time
+    if timer is not None:
+        global_tokens = dict(zip(PHASES, totals[2 * len(keys) : 2 * len(keys) + len(PHASES)], strict=True))
+        metrics.update(timing_metrics(timer.seconds, global_tokens, step_time))
     metrics.update({key: float(value) for key, value in counters.items()})
     return metrics

@@ -49,7 +49,8 @@ class Training:
     def __init__(self, output_dir: Path, model_dir: Path, dataset: Path, server_url: str, *flags: str):
         self.output_dir = output_dir
         self.log_path = output_dir.parent / f"{output_dir.name}.log"
-        cmd = [DEEPSPEED, "--num_gpus", "2", "--master_port", str(free_port()), "grpo_ref_split.py",
+        self.master_port = free_port()
+        cmd = [DEEPSPEED, "--num_gpus", "2", "--master_port", str(self.master_port), "grpo_ref_split.py",
                "--config", "configs/toy_cpu.yaml", "--model_name_or_path", str(model_dir),
                "--dataset_name", str(dataset), "--output_dir", str(output_dir), "--ref_server_url", server_url,
                *flags]
@@ -65,6 +66,10 @@ class Training:
             pytest.fail(f"training did not finish within {timeout:g} s; its output ends with:\n{self.output()[-3000:]}")
         self.log.close()
         return code
+
+    def shm_buffers_left(self) -> list[str]:
+        """DeepSpeed's CPU all-reduce buffers of this run still in /dev/shm (named after MASTER_PORT)."""
+        return [p.name for p in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{self.master_port}_*")]
 
     def kill(self) -> None:
         """SIGKILL the launcher and both ranks at once: a crash, not a clean stop."""
@@ -112,6 +117,7 @@ def test_two_cpu_ranks_train_with_the_server_and_save_a_loadable_checkpoint(tmp_
     assert run.wait() == 0, run.output()[-4000:]
     output = run.output()
     assert output.count("exits successfully") == 2, "both ranks must finish cleanly"
+    assert run.shm_buffers_left() == []  # 67 MB of RAM per rank per run otherwise, until reboot
     metrics = read_metrics(tmp_path / "out" / "metrics.jsonl")
     assert [m["step"] for m in metrics] == [1, 2, 3, 4]
     for line in metrics:
@@ -182,6 +188,7 @@ def test_killed_trainer_resumes_at_the_next_step(tmp_path, toy_model_dir, toy_da
     wait_for(lambda: len(list_checkpoints(out)) >= 1 and run.steps_logged() >= 3, "a checkpoint and step 3",
              run.proc)
     run.kill()
+    assert run.shm_buffers_left() == []  # even a SIGKILLed run leaves no shared memory behind
     checkpoint_step = list_checkpoints(out)[-1][0]
     logged_before = run.steps_logged()
     assert logged_before > checkpoint_step  # steps after the checkpoint were logged, and are redone
