@@ -1,4 +1,5 @@
-"""Plot a run's metrics.jsonl: reward (with a ±reward_std band and a moving average), kl, completion length, loss.
+"""Plot a run's metrics.jsonl: reward (with a ±reward_std band and a moving average), kl, completion length, loss,
+and where each step's time goes (seconds per phase, stacked).
 
     python scripts/plot_metrics.py outputs/toy                  # writes outputs/toy/metrics.png
     python scripts/plot_metrics.py outputs/toy --out toy.png --window 20
@@ -24,7 +25,10 @@ PANELS = (
     ("kl", "KL to reference"),
     ("completions/mean_length", "mean completion length (tokens)"),
     ("loss", "loss"),
+    ("timing", "seconds per step"),
 )
+# The step's phases, stacked bottom to top in the order a step runs them (see grpo_split/training/timing.py).
+TIMING_KEYS = ("timing/generate", "timing/rewards", "timing/reference", "timing/update", "timing/other")
 NO_DATA_HINT = "run training first (it writes OUTPUT_DIR/metrics.jsonl), and pass that run's output_dir"
 
 
@@ -59,15 +63,19 @@ def plot(rows: list[dict], out: Path, title: str, window: int) -> None:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(12, 8), layout="constrained")
+    fig = Figure(figsize=(12, 12), layout="constrained")
     FigureCanvasAgg(fig)
-    axes = fig.subplots(2, 2, sharex=True).ravel()
-    for index, (ax, (key, label)) in enumerate(zip(axes, PANELS, strict=True)):
+    axes = fig.subplots(3, 2, sharex=True).ravel()
+    axes[-1].set_visible(False)
+    for index, (ax, (key, label)) in enumerate(zip(axes, PANELS, strict=False)):
         ax.set_title(key)
-        if index >= 2:  # shared x axis: label it once, under the bottom row
+        if index >= len(PANELS) - 2:  # shared x axis: label it once, under the bottom panels
             ax.set_xlabel("step")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
+        if key == "timing":
+            plot_timing(ax, rows)
+            continue
         steps, values = series(rows, key)
         if not has_data(values):
             why = "not logged" if not steps else "only NaN/inf values"
@@ -88,6 +96,20 @@ def plot(rows: list[dict], out: Path, title: str, window: int) -> None:
     fig.suptitle(title)
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=100)
+
+
+def plot_timing(ax, rows: list[dict]) -> None:
+    """Stacked seconds per phase of the steps that logged all of them (runs from before the phase
+    timings logged none: "no data")."""
+    timed = [row for row in rows if all(isinstance(row.get(key), (int, float)) for key in TIMING_KEYS)]
+    if not timed:
+        ax.text(0.5, 0.5, "no data\n(no timing/* metrics logged)", ha="center", va="center",
+                transform=ax.transAxes, color="gray")
+        return
+    steps = [row["step"] for row in timed]
+    ax.stackplot(steps, *[[float(row[key]) for row in timed] for key in TIMING_KEYS],
+                 labels=[key.removeprefix("timing/") for key in TIMING_KEYS], alpha=0.8)
+    ax.legend(loc="upper left", fontsize="small")
 
 
 def main(argv: list[str] | None = None) -> int:

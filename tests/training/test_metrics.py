@@ -310,3 +310,19 @@ def test_importing_the_plot_script_does_not_import_matplotlib():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "False"
+
+
+def test_plot_stacks_the_phase_timings_and_says_no_data_without_them(plot_metrics):
+    from matplotlib.figure import Figure
+
+    phases = {"timing/generate": 5.0, "timing/rewards": 0.1, "timing/reference": 0.3, "timing/update": 5.8,
+              "timing/other": 0.2}
+    rows = [{"step": step, **phases} for step in (1, 2, 3)] + [{"step": 4, "reward": 1.0}]
+    ax = Figure().subplots()
+    plot_metrics.plot_timing(ax, rows)
+    assert len(ax.collections) == 5  # one band per phase
+    top = ax.collections[-1].get_paths()[0].vertices[:, 1].max()
+    assert top == pytest.approx(sum(phases.values()))  # stacked: the top edge is the step's seconds
+    empty = Figure().subplots()
+    plot_metrics.plot_timing(empty, [{"step": 1, "reward": 1.0}])
+    assert not empty.collections and "no data" in empty.texts[0].get_text()
