@@ -297,11 +297,16 @@ def _check_args(hidden, weight, labels, old_logps, ref_logps, advantages, mask, 
             raise ValueError(f"{NAME}: {name} is on {tensor.device} but hidden is on {hidden.device}")
     # policy_loss's own checks, on a shape-only stand-in for the (B, T) log-probs.
     stand_in = torch.empty(hidden.shape[:2], device="meta")
+    _renamed(_check_policy_loss_args, stand_in, old_logps, ref_logps, advantages, mask, **loss_args)
+
+
+def _renamed(check, *args, **kwargs):
+    """`check(*args, **kwargs)`, with its ValueError's message speaking of linear_policy_loss's arguments."""
     try:
-        _check_policy_loss_args(stand_in, old_logps, ref_logps, advantages, mask, **loss_args)
+        return check(*args, **kwargs)
     except ValueError as error:
-        message = str(error).replace("policy_loss:", f"{NAME}:", 1).replace("logps has", "labels have")
-        raise ValueError(message) from None
+        message = str(error).split(": ", 1)[1].replace(", logps has", ", labels have")  # logps: ours are (B, T)
+        raise ValueError(f"{NAME}: {message}") from None
 
 
 def linear_policy_loss(
@@ -350,9 +355,11 @@ def linear_policy_loss(
                      importance_sampling_level=importance_sampling_level)
     _check_args(hidden, weight, labels, old_logps, ref_logps, advantages, mask, chunk_size, loss_args)
     check_temperature(temperature, NAME)
-    logit_scale = _check_positive_finite(logit_scale, "logit_scale", "the factor applied to hidden @ weight.T")
+    logit_scale = _renamed(_check_positive_finite, logit_scale, "logit_scale",
+                           "the factor applied to hidden @ weight.T")
     if softcap is not None:
-        softcap = _check_positive_finite(softcap, "softcap", "the bound of softcap * tanh(z / softcap); None for none")
+        softcap = _renamed(_check_positive_finite, softcap, "softcap",
+                           "the bound of softcap * tanh(z / softcap); None for none")
 
     want_hidden = torch.is_grad_enabled() and hidden.requires_grad
     want_weight = torch.is_grad_enabled() and weight.requires_grad
