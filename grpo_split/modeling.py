@@ -7,11 +7,16 @@ The fused LM head (`stable_ops.linear_logps`) needs to know how the model turns 
 states into logits. Rather than trusting a list of architectures, `lm_head_plan` checks the fused
 computation against the model's own `forward` once, at load, and falls back to the model's own
 logits when nothing it can express reproduces them.
+
+The G completions of a GRPO group share their prompt. `completion_hidden` forwards each distinct
+prompt once and expands its KV cache to the rows (`shared_prefix_cache`), where `prefix_plan` has
+checked, also once at load, that the model's cache allows it; elsewhere every row forwards its own.
 """
 
 from __future__ import annotations
 
 import contextlib
+import inspect
 import logging
 import math
 from dataclasses import dataclass, replace
@@ -155,12 +160,14 @@ def lm_head_plan(model) -> LMHeadPlan:
 
     Call it right after loading, before DeepSpeed ZeRO-3 partitions the weights: the check runs
     a few forwards of one short sequence, which under ZeRO-3 would have to happen on every rank
-    at once. Later calls (and `completion_logps`) reuse the cached plan.
+    at once. Later calls (and `completion_logps`) reuse the cached plan. The first call also checks
+    whether the model can share prompts between rows (`prefix_plan`), for the same reason.
     """
     plan = getattr(model, _PLAN_ATTRIBUTE, None)
     if plan is None:
         plan = _build_lm_head_plan(model)
         setattr(model, _PLAN_ATTRIBUTE, plan)
+        prefix_plan(model)
         # The fallback is correct but slower and needs B x T x V memory: worth a warning, once per model.
         # The fused plan is only logged at debug level; entry points log whichever plan they run with.
         log.log(logging.DEBUG if plan.fused else logging.WARNING, "LM head plan: %s", plan.reason)
@@ -357,6 +364,204 @@ def _check(head, hidden, logits, labels, candidate: LMHeadPlan) -> tuple[float, 
     return (fused.double() - own).abs().max().item(), size, _tolerance(head.weight.dtype, head.weight.device, size)
 
 
+# ---- sharing each group's prompt ---------------------------------------------------------------
+
+# Where `prefix_plan` caches a model's plan, beside the LM-head plan and for the same reason.
+_PREFIX_PLAN_ATTRIBUTE = "_grpo_prefix_plan"
+# Set on a model once a training forward fell back because of gradient checkpointing, to warn once.
+_CHECKPOINTING_WARNED_ATTRIBUTE = "_grpo_prefix_checkpointing_warned"
+# The probe's prompts are padded to this many positions, its completions this many tokens long.
+_PREFIX_PROBE_PROMPT = 5
+_PREFIX_PROBE_COMPLETION = 3
+# Tolerance of the probe, in units of the dtype's epsilon, on the relative (Frobenius) difference of
+# the shared forward's hidden states from the plain ones: a forward of U prompts instead of B rows
+# only rounds differently, while a cache read wrong (dropped, shifted, another row's) moves the
+# states by tens of percent.
+_PREFIX_TOLERANCE_EPSILONS = 8.0
+# What a forward raises when it cannot take back a cache it built, or the cache cannot be indexed.
+_PROBE_ERRORS = (TypeError, ValueError, RuntimeError, AttributeError, IndexError, KeyError, NotImplementedError)
+
+
+@dataclass(frozen=True)
+class PrefixPlan:
+    """Whether rows that share a prompt forward it once (`completion_hidden`, `sample_completions`).
+
+    `shared`: the distinct prefixes (prompt tokens and mask) are forwarded once with the KV cache on,
+    the cache is expanded to the rows by index_select, and each row forwards only its own tokens,
+    passing the cache as `cache_kwarg` (`cache` in transformers 5, `past_key_values` before).
+    `reason` is one line for the logs: what was verified, or why every row forwards its own prompt.
+    """
+
+    shared: bool
+    reason: str = ""
+    cache_kwarg: str = "cache"
+
+
+# Every row forwards its own prompt: what callers pass as `prefix=` to force the plain forward.
+UNSHARED = PrefixPlan(shared=False, reason="every row forwards its own prompt")
+
+
+class _CacheNotExpandable(Exception):
+    """The model's KV cache is of a kind whose row-wise expansion is not known to be exact."""
+
+
+def prefix_plan(model) -> PrefixPlan:
+    """The model's `PrefixPlan`, computed on the first call and cached on the model object.
+
+    `lm_head_plan` computes it too, so it is checked at load (before ZeRO-3 partitions the weights)
+    wherever the LM-head plan is: a probe of rows sharing a left-padded prompt, through the shared
+    and the plain forward, which must agree to rounding.
+    """
+    plan = getattr(model, _PREFIX_PLAN_ATTRIBUTE, None)
+    if plan is None:
+        plan = _build_prefix_plan(model)
+        setattr(model, _PREFIX_PLAN_ATTRIBUTE, plan)
+        # The fallback is correct but forwards each prompt G times: worth a warning, once per model.
+        log.log(logging.INFO if plan.shared else logging.WARNING, "Prompt sharing: %s", plan.reason)
+    return plan
+
+
+def _unshared(reason: str) -> PrefixPlan:
+    return PrefixPlan(shared=False, reason=f"every row forwards its own prompt: {reason}")
+
+
+def _cache_kwarg(module) -> str | None:
+    """The name under which the module's forward takes a KV cache, or None if it takes none."""
+    parameters = inspect.signature(module.forward).parameters
+    return next((name for name in ("cache", "past_key_values") if name in parameters), None)
+
+
+def _build_prefix_plan(model) -> PrefixPlan:
+    if model.base_model is model:
+        return _unshared(f"{type(model).__name__} has no base model to forward the prompts through")
+    kwarg = _cache_kwarg(model.base_model)
+    if kwarg is None:
+        return _unshared(f"{type(model.base_model).__name__}.forward takes no KV cache")
+    candidate = PrefixPlan(shared=True, cache_kwarg=kwarg)
+    with _eval_mode(model), torch.no_grad():
+        try:
+            error, tolerance = _prefix_probe(model, candidate)
+        except _CacheNotExpandable as exc:
+            return _unshared(str(exc))
+        except _PROBE_ERRORS as exc:
+            return _unshared(f"the shared forward of the probe raised {type(exc).__name__}: {exc}")
+    if not error <= tolerance:  # NaN included
+        return _unshared(f"the shared forward's hidden states differ from the plain ones by {error:.2e} "
+                         f"(relative), more than rounding explains ({tolerance:.1e})")
+    return replace(candidate, reason=(
+        f"each distinct prompt is forwarded once, its KV cache expanded to its rows; matches the plain forward "
+        f"to {error:.1e} (relative, rounding allows {tolerance:.1e})"
+    ))
+
+
+def _prefix_probe(model, plan: PrefixPlan) -> tuple[float, float]:
+    """(relative difference of the shared forward's completion states from the plain forward's, tolerance).
+
+    Three rows: two share a prompt of 3 real tokens left-padded to 5, the third has a full prompt of
+    its own and a right-padded completion, so padding, positions and row expansion all count.
+    """
+    P, C = _PREFIX_PROBE_PROMPT, _PREFIX_PROBE_COMPLETION
+    vocab = getattr(model.get_input_embeddings(), "num_embeddings", None) or model.config.vocab_size
+    device = next(model.parameters()).device
+    gen = torch.Generator().manual_seed(_PROBE_SEED)
+    ids = torch.randint(0, vocab, (3, P + C), generator=gen)
+    ids[1, :P] = ids[0, :P]  # rows 0 and 1 share their prompt
+    mask = torch.ones_like(ids)
+    mask[:2, : P - 3] = 0  # their prompt: 3 real tokens after left padding
+    mask[2, -1] = 0  # right padding after row 2's completion
+    ids, mask = ids.to(device), mask.to(device)
+    plain = completion_hidden(model, ids, mask, P, UNSHARED)  # (3, C, H)
+    shared = completion_hidden(model, ids, mask, P, plan)
+    attended = mask[:, P:].bool()  # (3, C): states whose next token is real
+    difference = (shared[attended].double() - plain[attended].double()).norm() / plain[attended].double().norm()
+    dtype = plain.dtype
+    eps = torch.finfo(dtype).eps
+    if dtype == torch.float32 and device.type != "cpu":
+        eps = 2.0**-10  # GPU float32 matmuls may run in TF32 (10-bit mantissa)
+    return difference.item(), _PREFIX_TOLERANCE_EPSILONS * eps + 1e-6
+
+
+def shared_prefix_cache(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, length: int,
+                        plan: PrefixPlan | None = None) -> dict | None:
+    """`{cache keyword: KV cache}` of the first `length` tokens of every row, each distinct prefix
+    (tokens and mask, (B, length)) forwarded once, for the model's forward or `generate` to continue
+    from; None where every row must forward its own: the plan (default `prefix_plan(model)`) says so,
+    no two rows share a prefix, or gradient checkpointing would drop the cache.
+
+    The cache is expanded by index_select, whose backward sums the rows' gradients into their shared
+    prefix: the gradients are those of the plain forward. (In training mode with dropout, the rows of
+    a prefix also share its dropout noise; each row's own distribution is unchanged.)
+    """
+    if plan is None:
+        plan = prefix_plan(model)
+    if not plan.shared or length < 1 or _checkpointing_drops_cache(model):
+        return None
+    distinct = _distinct_prefixes(input_ids, attention_mask, length)
+    if distinct is None:
+        return None
+    first, inverse = distinct
+    ids, mask = input_ids[first, :length], attention_mask[first, :length]  # (U, L)
+    out = model.base_model(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask),
+                           use_cache=True)
+    cache = _returned_cache(out)
+    _check_expandable(cache)
+    cache.reorder_cache(inverse)  # (U, heads, L, d) -> (B, heads, L, d) in every layer, by index_select
+    return {plan.cache_kwarg: cache}
+
+
+def _returned_cache(out):
+    """The KV cache a base model's forward returned: `cache` in transformers 5, `past_key_values` before."""
+    if not hasattr(out, "get"):  # a tuple (return_dict=False): no named cache to rely on
+        return None
+    cache = out.get("cache")
+    return cache if cache is not None else out.get("past_key_values")
+
+
+def _distinct_prefixes(input_ids, attention_mask, length) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(U,) the first row of each distinct prefix and (B,) each row's index among them, or None when
+    all B rows differ. A prefix is the first `length` tokens and their mask; a padding id does not count."""
+    key = torch.where(attention_mask[:, :length].bool(), input_ids[:, :length], -1)  # (B, L); ids are >= 0
+    _, inverse = torch.unique(key, dim=0, return_inverse=True)  # (B,) in 0..U-1
+    rows = key.shape[0]
+    count = int(inverse.max()) + 1
+    if count == rows:
+        return None
+    order = torch.arange(rows, device=key.device)
+    first = torch.full((count,), rows, device=key.device).scatter_reduce(0, inverse, order, reduce="amin")  # (U,)
+    return first, inverse
+
+
+def _check_expandable(cache) -> None:
+    """Raise `_CacheNotExpandable` unless every layer holds the whole prefix as (rows, heads, L, d)
+    keys and values, the one layout whose index_select over rows is the rows' own cache."""
+    from transformers import DynamicCache
+
+    if cache is None:
+        raise _CacheNotExpandable("the base model returns no KV cache")
+    if type(cache) is not DynamicCache:
+        raise _CacheNotExpandable(f"its KV cache is a {type(cache).__name__}, not a plain DynamicCache")
+    others = sorted({type(layer).__name__ for layer in getattr(cache, "layers", [])} - {"DynamicLayer"})
+    if others:
+        raise _CacheNotExpandable(
+            f"its KV cache has {', '.join(others)} layers (sliding-window, recurrent or indexed states, which keep "
+            "part of the prompt or more than its keys and values), not only full-attention DynamicLayers"
+        )
+
+
+def _checkpointing_drops_cache(model) -> bool:
+    """True in training mode with gradient checkpointing: transformers' checkpointed layers then drop
+    the cache they are given (silently for `cache=`), so a row would not see its shared prompt."""
+    if not model.training:
+        return False
+    dropping = any(getattr(module, "gradient_checkpointing", False) is True and module.training
+                   for module in model.modules())
+    if dropping and not getattr(model, _CHECKPOINTING_WARNED_ATTRIBUTE, False):
+        setattr(model, _CHECKPOINTING_WARNED_ATTRIBUTE, True)
+        log.warning("Prompt sharing: off for training forwards, every row forwards its own prompt: gradient "
+                    "checkpointing is on, and transformers' checkpointed layers drop the KV cache")
+    return dropping
+
+
 # ---- completion log-probs ---------------------------------------------------------------------
 
 
@@ -367,6 +572,7 @@ def completion_logps(
     prompt_length: int,
     temperature: float = 1.0,
     head: LMHeadPlan | None = None,
+    prefix: PrefixPlan | None = None,
 ) -> torch.Tensor:
     """(B, T) prompt + completion ids -> (B, T - P) log-probs of the completion tokens, float32.
 
@@ -375,28 +581,85 @@ def completion_logps(
     `lm_head_plan(model)`, computed once and cached): fused, the final hidden states go through
     `stable_ops.linear_logps` with the head's verified transform, so a 152k vocabulary never needs
     B x T x V memory; otherwise the model's own logits go through `stable_ops.per_token_logps`.
-    Gradients flow when the caller has them enabled.
+    `prefix` is the model's `PrefixPlan` (default: `prefix_plan(model)`): rows sharing a prompt share
+    its forward on both head paths. Gradients flow when the caller has them enabled.
     """
-    if input_ids.dim() != 2:
-        raise ValueError(f"completion_logps: input_ids must be (B, T), got shape {tuple(input_ids.shape)}")
-    if not 0 < prompt_length < input_ids.shape[1]:
-        raise ValueError(
-            f"completion_logps: prompt_length must be in [1, {input_ids.shape[1] - 1}] for sequences of "
-            f"{input_ids.shape[1]} tokens (at least one prompt and one completion token), got {prompt_length}"
-        )
+    _check_inputs("completion_logps", input_ids, prompt_length)
     if head is None:
         head = lm_head_plan(model)
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
     labels = input_ids[:, prompt_length:]  # (B, C)
-    position_ids = position_ids_from_mask(attention_mask)
     if head.fused:
-        hidden = _final_hidden(model, input_ids, attention_mask, position_ids)  # (B, T, H)
-        # The state at position t predicts token t + 1: completion tokens P..T-1 come from P-1..T-2.
-        hidden = hidden[:, prompt_length - 1 : -1]  # (B, C, H)
+        hidden = completion_hidden(model, input_ids, attention_mask, prompt_length, prefix)  # (B, C, H)
         return _head_logps(model.get_output_embeddings(), hidden, labels, temperature, head)
-    logits = _model_logits(model, input_ids, attention_mask, position_ids)  # (B, T, V)
-    return per_token_logps(logits[:, prompt_length - 1 : -1], labels, temperature)
+    logits = _completion_logits(model, input_ids, attention_mask, prompt_length, prefix)  # (B, C, V)
+    return per_token_logps(logits, labels, temperature)
+
+
+def completion_hidden(
+    model,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    prompt_length: int,
+    prefix: PrefixPlan | None = None,
+) -> torch.Tensor:
+    """(B, T) prompt + completion ids -> (B, C, H) final hidden states (after the final norm) at
+    positions P-1..T-2, the ones whose head output predicts the completion tokens P..T-1.
+
+    Rows that share their prompt (tokens and mask) forward it once when `prefix` (default:
+    `prefix_plan(model)`) allows; the result and its gradients are those of the plain forward.
+    """
+    _check_inputs("completion_hidden", input_ids, prompt_length)
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    shared = _shared_prefix_for(model, input_ids, attention_mask, prompt_length, prefix)
+    if shared is None:
+        hidden = _final_hidden(model, input_ids, attention_mask, position_ids_from_mask(attention_mask))  # (B, T, H)
+        if hidden is None:
+            raise ValueError(f"completion_hidden: {type(model.base_model).__name__} returns no last_hidden_state")
+        # The state at position t predicts token t + 1: completion tokens P..T-1 come from P-1..T-2.
+        return hidden[:, prompt_length - 1 : -1]  # (B, C, H)
+    out = model.base_model(**_tail_inputs(input_ids, attention_mask, prompt_length), **shared, use_cache=True)
+    return out[0] if isinstance(out, tuple) else out.last_hidden_state  # (B, C, H)
+
+
+def _completion_logits(model, input_ids, attention_mask, prompt_length, prefix) -> torch.Tensor:
+    """(B, C, V) the model's own logits at positions P-1..T-2, the prompt shared as in `completion_hidden`."""
+    shared = _shared_prefix_for(model, input_ids, attention_mask, prompt_length, prefix)
+    if shared is None:
+        logits = _model_logits(model, input_ids, attention_mask, position_ids_from_mask(attention_mask))  # (B, T, V)
+        return logits[:, prompt_length - 1 : -1]
+    return model(**_tail_inputs(input_ids, attention_mask, prompt_length), **shared, use_cache=True).logits
+
+
+def _check_inputs(caller: str, input_ids: torch.Tensor, prompt_length: int) -> None:
+    if input_ids.dim() != 2:
+        raise ValueError(f"{caller}: input_ids must be (B, T), got shape {tuple(input_ids.shape)}")
+    if not 0 < prompt_length < input_ids.shape[1]:
+        raise ValueError(
+            f"{caller}: prompt_length must be in [1, {input_ids.shape[1] - 1}] for sequences of "
+            f"{input_ids.shape[1]} tokens (at least one prompt and one completion token), got {prompt_length}"
+        )
+
+
+def _shared_prefix_for(model, input_ids, attention_mask, prompt_length, prefix) -> dict | None:
+    """`shared_prefix_cache` of the first P - 1 tokens: the last prompt token goes with the tail, so
+    the tail's C outputs are exactly the states that predict the C completion tokens."""
+    if prefix is None:
+        prefix = prefix_plan(model)
+    return shared_prefix_cache(model, input_ids, attention_mask, prompt_length - 1, prefix)
+
+
+def _tail_inputs(input_ids, attention_mask, prompt_length) -> dict:
+    """The forward after the cached first P - 1 tokens: ids and positions of P-1..T-2 (B, C), and
+    the mask over everything the tail attends to, cache included (B, T - 1)."""
+    positions = position_ids_from_mask(attention_mask)  # (B, T): continue each row's own count
+    return {
+        "input_ids": input_ids[:, prompt_length - 1 : -1],
+        "attention_mask": attention_mask[:, :-1],
+        "position_ids": positions[:, prompt_length - 1 : -1],
+    }
 
 
 def _head_logps(
