@@ -1,6 +1,6 @@
 """Sampling completions: chat-formatted prompts, left padding, EOS ids, and `generate` configured so
 that completions are drawn from exactly the distribution the loss assumes, softmax(logits / T)
-with top-p, whatever the model's own generation_config.json ships."""
+with top-p, whatever the model's own generation_config.json ships; each group's prompt prefilled once."""
 
 from __future__ import annotations
 
@@ -9,6 +9,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+
+from grpo_split.modeling import PrefixPlan, shared_prefix_cache
 
 
 def format_prompt(tokenizer, prompt: str, system_prompt: str | None) -> str:
@@ -123,22 +125,41 @@ def pure_sampling(model):
 
 @torch.no_grad()
 def sample_completions(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, settings: SamplingSettings,
-                       eos_ids: list[int], pad_id: int, return_sampler_logps: bool = False):
+                       eos_ids: list[int], pad_id: int, return_sampler_logps: bool = False,
+                       prefix: PrefixPlan | None = None):
     """(B, P) left-padded prompts -> (B * G, C) completion ids, G consecutive rows per prompt.
 
     Sampling is exactly softmax(logits / temperature) with top-p, whatever the model's own
-    generation_config.json says (see `sampling_config`). With `return_sampler_logps`, also the
-    (B * G, C) log-probs of each sampled token under the distribution `generate` sampled from (its
-    processed scores), which is how tests check that sampler and loss agree.
+    generation_config.json says (see `sampling_config`). Each distinct prompt is prefilled once
+    (`shared_prefix_cache`) where `prefix` (default: the model's `prefix_plan`) allows, rather than
+    G times; `UNSHARED` forces the plain `generate`, which repeats every prompt G times. With
+    `return_sampler_logps`, also the (B * G, C) log-probs of each sampled token under the
+    distribution `generate` sampled from (its processed scores), which is how tests check that
+    sampler and loss agree.
     """
     config = sampling_config(settings, eos_ids, pad_id)
     device = next(model.parameters()).device
+    inputs = _generate_inputs(model, prompt_ids.to(device), prompt_mask.to(device), config, prefix)
     with pure_sampling(model):
-        output = model.generate(input_ids=prompt_ids.to(device), attention_mask=prompt_mask.to(device),
-                                generation_config=config, return_dict_in_generate=True,
+        output = model.generate(**inputs, generation_config=config, return_dict_in_generate=True,
                                 output_scores=return_sampler_logps)
     completions = output.sequences[:, prompt_ids.shape[1] :].cpu()  # (B * G, C)
     if not return_sampler_logps:
         return completions
     scores = torch.stack(output.scores, dim=1).float().log_softmax(-1)  # (B * G, C, V)
     return completions, scores.gather(-1, completions[..., None].to(scores.device)).squeeze(-1).cpu()
+
+
+def _generate_inputs(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, config, prefix) -> dict:
+    """`generate`'s prompt inputs. Shared: the first P - 1 tokens of each distinct prompt forwarded once,
+    their cache expanded to the prompt's G consecutive rows, and the rows repeated to match, so that
+    `generate` forwards only each row's last prompt token before it samples (the rows and the
+    sampling are those of the plain call). Else the B prompts, for `generate` to repeat G times."""
+    G = config.num_return_sequences
+    ids = prompt_ids.repeat_interleave(G, dim=0)  # (B * G, P): the rows generate would expand the prompts to
+    mask = prompt_mask.repeat_interleave(G, dim=0)
+    shared = shared_prefix_cache(model, ids, mask, prompt_ids.shape[1] - 1, prefix)
+    if shared is None:
+        return {"input_ids": prompt_ids, "attention_mask": prompt_mask}
+    config.num_return_sequences = 1  # the rows are repeated already
+    return {"input_ids": ids, "attention_mask": mask, **shared}

@@ -141,6 +141,88 @@ def test_sampling_draws_from_softmax_of_logits_over_temperature_whatever_the_mod
     assert model.generation_config.repetition_penalty == 1.8  # the model's own config is left as it was
 
 
+class FirstForwards:
+    """The (rows, tokens) of the model's first forwards (through its input embedding), while active."""
+
+    def __init__(self, model, count=2):
+        self.model, self.count, self.shapes = model, count, []
+
+    def __enter__(self):
+        def record(module, args):
+            if len(self.shapes) < self.count:
+                self.shapes.append(tuple(args[0].shape))
+
+        self.handle = self.model.get_input_embeddings().register_forward_pre_hook(record)
+        return self.shapes
+
+    def __exit__(self, *exc):
+        self.handle.remove()
+
+
+def test_each_prompt_is_prefilled_once_and_sampled_as_before(toy_model_dir):
+    """The prefill-once path forwards each distinct prompt once, then each row's last prompt token, and
+    draws what the plain generate (every prompt repeated G times) draws from the same seed, from the
+    same processed scores: the same tokens and sampler log-probs."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from grpo_split.modeling import UNSHARED, prefix_plan
+    from grpo_split.rollouts.sampling import encode_prompts
+
+    tokenizer = AutoTokenizer.from_pretrained(toy_model_dir)
+    model = AutoModelForCausalLM.from_pretrained(toy_model_dir).eval()
+    assert prefix_plan(model).shared, prefix_plan(model).reason
+    eos = eos_token_ids(tokenizer, model)
+    # Three prompts of different real lengths, two of them equal: 2 distinct prompts, 12 rows.
+    prompts = encode_prompts(tokenizer, ["copy the digit 3", "7 is it", "copy the digit 3"], None)
+    prompt_ids, prompt_mask = left_pad(prompts, tokenizer.pad_token_id)
+    P = prompt_ids.shape[1]
+    settings = SamplingSettings(num_generations=4, max_completion_length=12, temperature=1.3, top_p=0.9)
+    runs = {}
+    for name, prefix in (("shared", None), ("plain", UNSHARED)):
+        torch.manual_seed(0)
+        with FirstForwards(model) as shapes:
+            runs[name] = sample_completions(model, prompt_ids, prompt_mask, settings, eos, tokenizer.pad_token_id,
+                                            return_sampler_logps=True, prefix=prefix)
+        runs[name + " forwards"] = shapes
+    assert runs["shared forwards"] == [(2, P - 1), (12, 1)]
+    assert runs["plain forwards"] == [(12, P), (12, 1)]
+    (shared, shared_logps), (plain, plain_logps) = runs["shared"], runs["plain"]
+    assert torch.equal(shared, plain)
+    drawn = torch.isfinite(plain_logps)
+    assert drawn[:, 0].all() and torch.equal(drawn, torch.isfinite(shared_logps))
+    torch.testing.assert_close(shared_logps[drawn], plain_logps[drawn], atol=1e-5, rtol=0)
+
+
+def test_a_model_that_cannot_share_samples_through_the_plain_generate():
+    """Gemma 2's sliding-window cache: the plan says why it cannot share, and sampling repeats each
+    prompt G times as before, still drawing from the distribution the loss computes."""
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    from grpo_split.modeling import completion_logps, prefix_plan
+    from stable_ops import completion_mask
+
+    torch.manual_seed(0)
+    model = Gemma2ForCausalLM(Gemma2Config(
+        vocab_size=48, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=8, query_pre_attn_scalar=8, initializer_range=0.2, eos_token_id=1,
+        pad_token_id=0, bos_token_id=2)).eval()
+    plan = prefix_plan(model)
+    assert not plan.shared and "DynamicSlidingWindowLayer" in plan.reason, plan.reason
+    prompt_ids, prompt_mask = left_pad([[5, 6, 7, 8], [9, 10]], pad_id=0)
+    settings = SamplingSettings(num_generations=3, max_completion_length=6, temperature=0.8, top_p=1.0)
+    torch.manual_seed(1)
+    with FirstForwards(model, count=1) as shapes:
+        completions, sampler_logps = sample_completions(model, prompt_ids, prompt_mask, settings, [1], 0,
+                                                        return_sampler_logps=True)
+    assert shapes == [(6, 4)]
+    attend = completion_mask(completions, [1]).bool()
+    ids = torch.cat([prompt_ids.repeat_interleave(3, dim=0), completions], dim=1)
+    mask = torch.cat([prompt_mask.repeat_interleave(3, dim=0), attend.long()], dim=1)
+    with torch.no_grad():
+        loss_logps = completion_logps(model, ids, mask, prompt_ids.shape[1], temperature=0.8)
+    torch.testing.assert_close(sampler_logps[attend], loss_logps[attend], atol=2e-5, rtol=0)
+
+
 def test_a_model_without_shipped_defaults_overrides_nothing(toy_model_dir):
     from transformers import AutoModelForCausalLM
 
