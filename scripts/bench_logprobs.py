@@ -1,15 +1,21 @@
-"""Benchmark: forward + backward of per-token log-probs at the Qwen2.5 vocabulary.
+"""Benchmark: forward + backward of the GRPO loss from final hidden states at the Qwen2.5 vocabulary.
 
-Three ways to get the log-prob of every completion token from final hidden states and the LM head:
-  seed             full (B, T, V) logits, then a row-by-row log_softmax + gather (the public simple_GRPO project's way)
-  per_token_logps  full logits, then stable_ops.per_token_logps (chunked, hand-written backward)
-  linear_logps     stable_ops.linear_logps (fused LM head: the logits are never materialized)
+Four ways to get the GRPO loss of every completion token from final hidden states and the LM head.
+Every variant does the same work: the per-token log-probs, then the GRPO loss (loss_type grpo,
+beta 0.04, old and reference log-probs given, every token unmasked), then backward.
+  seed                full (B, T, V) logits, then a row-by-row log_softmax + gather (the public simple_GRPO
+                      project's way), then stable_ops.policy_loss
+  per_token_logps     full logits, then stable_ops.per_token_logps (chunked, hand-written backward), then policy_loss
+  linear_logps        stable_ops.linear_logps (fused LM head: the logits are never materialized; 4 LM-head
+                      matmuls), then policy_loss
+  linear_policy_loss  stable_ops.linear_policy_loss (fused LM head and loss: both gradients in the forward
+                      pass, 3 LM-head matmuls)
 
 Each variant runs in its own process, so its peak RSS is its own. Reported per variant:
   time_s        median wall time of one forward + backward over the timed repeats (after one untimed run)
   transient_mb  peak RSS during one forward + backward, minus the RSS before it (inputs allocated),
                 minus the bytes of the gradients of hidden and weight, which every variant must hold
-Values and gradients are compared with the seed variant's.
+The loss and the gradients are compared with the seed variant's.
 
     python scripts/bench_logprobs.py                      # B=8, T=512 (4,096 tokens), H=896, V=151,936
     python scripts/bench_logprobs.py --batch 2 --length 1024 --json results.json
@@ -31,9 +37,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from stable_ops import linear_logps, per_token_logps  # noqa: E402
+from stable_ops import linear_logps, linear_policy_loss, per_token_logps, policy_loss  # noqa: E402
 
-VARIANTS = ("seed", "per_token_logps", "linear_logps")
+VARIANTS = ("seed", "per_token_logps", "linear_logps", "linear_policy_loss")
 QWEN25_VOCAB = 151_936
 QWEN25_05B_HIDDEN = 896
 
@@ -48,12 +54,21 @@ def seed_logps(hidden, weight, labels):
     return torch.stack(rows)  # (B, T)
 
 
-def run_variant(name, hidden, weight, labels):
+# The loss every variant computes: TRL's default GRPO loss with a KL penalty, old log-probs given.
+LOSS_OPTIONS = {"beta": 0.04, "loss_type": "grpo"}
+
+
+def run_variant(name, hidden, weight, labels, loss_inputs, chunk_size=None):
+    """(loss, metrics) of one variant; `loss_inputs` = (old_logps, ref_logps, advantages, mask)."""
+    if name == "linear_policy_loss":
+        return linear_policy_loss(hidden, weight, labels, *loss_inputs, **LOSS_OPTIONS, chunk_size=chunk_size)
     if name == "seed":
-        return seed_logps(hidden, weight, labels)
-    if name == "per_token_logps":
-        return per_token_logps(hidden @ weight.t(), labels)
-    return linear_logps(hidden, weight, labels)
+        logps = seed_logps(hidden, weight, labels)
+    elif name == "per_token_logps":
+        logps = per_token_logps(hidden @ weight.t(), labels)
+    else:
+        logps = linear_logps(hidden, weight, labels)
+    return policy_loss(logps, *loss_inputs, **LOSS_OPTIONS)
 
 
 def make_inputs(args):
@@ -62,8 +77,23 @@ def make_inputs(args):
     # Scaled so the logits have a standard deviation near 3, peaked like a trained LM's.
     weight = torch.randn(args.vocab, args.hidden, generator=gen) * (3.0 / args.hidden**0.5)
     labels = torch.randint(0, args.vocab, (args.batch, args.length), generator=gen)
-    upstream = torch.randn(args.batch, args.length, generator=gen)  # d loss / d logps
-    return hidden.requires_grad_(), weight.requires_grad_(), labels, upstream
+    return hidden.requires_grad_(), weight.requires_grad_(), labels
+
+
+def make_loss_inputs(args, hidden, weight, labels):
+    """Old and reference log-probs near the policy's own (ratios near 1, some clipped), advantages, full mask."""
+    gen = torch.Generator().manual_seed(args.seed + 1)
+    with torch.inference_mode():
+        logps = linear_logps(hidden, weight, labels)  # (B, T)
+    old_logps = logps + 0.1 * torch.randn(logps.shape, generator=gen)
+    ref_logps = logps + 0.1 * torch.randn(logps.shape, generator=gen)
+    advantages = torch.randn(args.batch, generator=gen)
+    mask = torch.ones(args.batch, args.length)
+    return {"old_logps": old_logps, "ref_logps": ref_logps, "advantages": advantages, "mask": mask}
+
+
+def loss_input_tuple(tensors: dict) -> tuple:
+    return tuple(tensors[key] for key in ("old_logps", "ref_logps", "advantages", "mask"))
 
 
 def rss_bytes() -> int:
@@ -85,35 +115,37 @@ def peak_rss_bytes() -> int:
     raise RuntimeError("no VmHWM line in /proc/self/status: peak RSS needs Linux")
 
 
-def forward_backward(name, hidden, weight, labels, upstream):
+def forward_backward(name, hidden, weight, labels, loss_inputs, chunk_size=None):
     hidden.grad = weight.grad = None
-    logps = run_variant(name, hidden, weight, labels)
-    (logps * upstream).sum().backward()
-    return logps.detach()
+    loss, metrics = run_variant(name, hidden, weight, labels, loss_inputs, chunk_size)
+    loss.backward()
+    return {"loss": loss.detach(), **{f"metric/{key}": value for key, value in metrics.items()}}
 
 
 def worker(args) -> dict:
     torch.manual_seed(args.seed)
-    hidden, weight, labels, upstream = make_inputs(args)
+    hidden, weight, labels = make_inputs(args)
+    loss_inputs = loss_input_tuple(load_file(args.loss_inputs))
     grad_bytes = hidden.numel() * hidden.element_size() + weight.numel() * weight.element_size()
 
     baseline = rss_bytes()
     reset_peak_rss()
     start = time.perf_counter()
-    logps = forward_backward(args.worker, hidden, weight, labels, upstream)
+    values = forward_backward(args.worker, hidden, weight, labels, loss_inputs, args.chunk_size)
     first_time = time.perf_counter() - start
     transient = peak_rss_bytes() - baseline - grad_bytes
-    save_file({"logps": logps, "grad_hidden": hidden.grad, "grad_weight": weight.grad}, args.out)
+    save_file({**values, "grad_hidden": hidden.grad, "grad_weight": weight.grad}, args.out)
 
     times = []
     for _ in range(args.repeats):
         start = time.perf_counter()
-        forward_backward(args.worker, hidden, weight, labels, upstream)
+        forward_backward(args.worker, hidden, weight, labels, loss_inputs, args.chunk_size)
         times.append(time.perf_counter() - start)
     return {
         "variant": args.worker,
         "time_s": statistics.median(times) if times else first_time,
         "first_time_s": first_time,
+        "times_s": times,
         "transient_mb": transient / 1e6,
         "grad_mb": grad_bytes / 1e6,
     }
@@ -123,10 +155,10 @@ def max_abs_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a.double() - b.double()).abs().max().item()
 
 
-def compare(results_dir: Path) -> dict:
+def compare(results_dir: Path, names) -> dict:
     reference = load_file(str(results_dir / "seed.safetensors"))
     agreement = {}
-    for name in VARIANTS[1:]:
+    for name in names:
         other = load_file(str(results_dir / f"{name}.safetensors"))
         agreement[name] = {key: max_abs_diff(reference[key], other[key]) for key in reference}
         del other
@@ -141,9 +173,13 @@ def main() -> int:
     parser.add_argument("--vocab", type=int, default=QWEN25_VOCAB, help="vocabulary size (Qwen2.5: 151,936)")
     parser.add_argument("--repeats", type=int, default=2, help="timed repeats after the measured first run")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--chunk-size", type=int, help="linear_policy_loss's tokens per tile (default: automatic)")
     parser.add_argument("--json", type=Path, help="also write the results to this JSON file")
     parser.add_argument("--worker", choices=VARIANTS, help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
+    parser.add_argument("--loss-inputs", help=argparse.SUPPRESS)
+    parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS),
+                        help="variants to run (default: all; seed is always run, as the reference)")
     args = parser.parse_args()
 
     if args.worker:
@@ -151,14 +187,20 @@ def main() -> int:
         return 0
 
     tokens = args.batch * args.length
-    print(f"per-token log-probs, forward + backward: {tokens} tokens (B={args.batch}, T={args.length}), "
+    variants = ["seed"] + [name for name in VARIANTS[1:] if name in args.variants]
+    print(f"GRPO loss from hidden states, forward + backward: {tokens} tokens (B={args.batch}, T={args.length}), "
           f"H={args.hidden}, V={args.vocab}, float32, {torch.get_num_threads()} threads", flush=True)
     results = {}
     with tempfile.TemporaryDirectory(prefix="bench_logprobs_") as tmp:
-        for name in VARIANTS:
+        loss_inputs = f"{tmp}/loss_inputs.safetensors"
+        save_file(make_loss_inputs(args, *make_inputs(args)), loss_inputs)
+        for name in variants:
             cmd = [sys.executable, __file__, "--worker", name, "--out", f"{tmp}/{name}.safetensors",
+                   "--loss-inputs", loss_inputs,
                    "--batch", str(args.batch), "--length", str(args.length), "--hidden", str(args.hidden),
                    "--vocab", str(args.vocab), "--repeats", str(args.repeats), "--seed", str(args.seed)]
+            if args.chunk_size is not None:
+                cmd += ["--chunk-size", str(args.chunk_size)]
             proc = subprocess.run(cmd, capture_output=True, text=True)
             if proc.returncode != 0:
                 print(proc.stderr, file=sys.stderr)
@@ -167,25 +209,29 @@ def main() -> int:
                 return 1
             results[name] = json.loads(proc.stdout.strip().splitlines()[-1])
             print(f"  {name}: {results[name]['time_s']:.2f} s, {results[name]['transient_mb']:.0f} MB", flush=True)
-        agreement = compare(Path(tmp))
+        agreement = compare(Path(tmp), variants[1:])
 
     seed = results["seed"]
     print("\n| variant | time (s) | time vs seed | transient memory (MB) | memory vs seed | "
-          "max abs diff vs seed: logps / grad hidden / grad weight |")
+          "max abs diff vs seed: loss / metrics / grad hidden / grad weight |")
     print("|---|---|---|---|---|---|")
-    for name in VARIANTS:
+    for name in variants:
         r = results[name]
         diff = agreement.get(name)
         diff_text = "-" if diff is None else " / ".join(
-            f"{diff[k]:.1e}" for k in ("logps", "grad_hidden", "grad_weight"))
+            f"{value:.1e}" for value in (diff["loss"], max(v for k, v in diff.items() if k.startswith("metric/")),
+                                         diff["grad_hidden"], diff["grad_weight"]))
         r["time_vs_seed"] = r["time_s"] / seed["time_s"]
         r["memory_vs_seed"] = r["transient_mb"] / seed["transient_mb"]
         print(f"| {name} | {r['time_s']:.2f} | {r['time_vs_seed']:.2f}x | {r['transient_mb']:.0f} | "
               f"{100 * r['memory_vs_seed']:.1f}% | {diff_text} |")
-    fused = results["linear_logps"]
     print(f"\ngradients held by every variant (hidden + weight): {seed['grad_mb']:.0f} MB")
-    print(f"targets: linear_logps memory <= 15% of seed: {100 * fused['memory_vs_seed']:.1f}%; "
-          f"time <= 1.0x seed: {fused['time_vs_seed']:.2f}x")
+    targets = {"linear_logps": (15, 1.0), "linear_policy_loss": (10, 0.9)}  # memory % and time ratio vs seed
+    for name, (memory_pct, time_ratio) in targets.items():
+        if name in results:
+            r = results[name]
+            print(f"targets: {name} memory <= {memory_pct}% of seed: {100 * r['memory_vs_seed']:.1f}%; "
+                  f"time <= {time_ratio}x seed: {r['time_vs_seed']:.2f}x")
     report = {"config": vars(args) | {"json": None, "tokens": tokens, "threads": torch.get_num_threads()},
               "results": results, "max_abs_diff_vs_seed": agreement}
     print(json.dumps(report))
