@@ -173,15 +173,15 @@ class _Head:
                  grad_logps: torch.Tensor) -> torch.Tensor:
         """In place: exp(y - max) (n, V) -> dL/dz = g * (onehot(label) - softmax(y)) * dy/dz, g = dL/dlogp (n,)."""
         g = grad_logps.to(exp_shifted.dtype)
+        if self.slope_scratch is None:
+            # A scale or a temperature alone has a constant slope dy/dz: folded into the (n,) factors, which
+            # saves a pass over the tile.
+            g = g * (self.logit_scale / self.temperature)
         # softmax = exp(y - max) / sum, and 1 / sum = exp(-log_sum).
         exp_shifted.mul_((-g * torch.exp(-log_sum))[:, None])  # (n, V) -g * softmax
         exp_shifted.scatter_add_(-1, labels[:, None], g[:, None])  # + g at the label
         if self.slope_scratch is not None:
-            exp_shifted.mul_(self.slope_scratch[: exp_shifted.shape[0]])
-        elif self.logit_scale == 1.0 and self.temperature != 1.0:
-            exp_shifted.div_(self.temperature)  # the rounding linear_logps's backward uses
-        elif self.logit_scale != self.temperature:
-            exp_shifted.mul_(self.logit_scale / self.temperature)
+            exp_shifted.mul_(self.slope_scratch[: exp_shifted.shape[0]])  # the soft-cap's slope, per logit
         return exp_shifted
 
 
