@@ -12,13 +12,16 @@ beta 0.04, old and reference log-probs given, every token unmasked), then backwa
                       pass, 3 LM-head matmuls)
 
 Each variant runs in its own process, so its peak RSS is its own. Reported per variant:
-  time_s        median wall time of one forward + backward over the timed repeats (after one untimed run)
+  time_s        median wall time of one forward + backward over the timed repeats (after one untimed run);
+                with --rounds, the median of the rounds' medians
+  time_vs_seed  time_s / the seed's; with --rounds, the median over rounds of the ratio to the same round's seed
   transient_mb  peak RSS during one forward + backward, minus the RSS before it (inputs allocated),
                 minus the bytes of the gradients of hidden and weight, which every variant must hold
 The loss and the gradients are compared with the seed variant's.
 
     python scripts/bench_logprobs.py                      # B=8, T=512 (4,096 tokens), H=896, V=151,936
     python scripts/bench_logprobs.py --batch 2 --length 1024 --json results.json
+    python scripts/bench_logprobs.py --batch 1 --length 1024 --repeats 1 --rounds 3   # paired ratios on a busy machine
 """
 
 from __future__ import annotations
@@ -165,6 +168,20 @@ def compare(results_dir: Path, names) -> dict:
     return agreement
 
 
+def summarize(results: dict) -> None:
+    """Per variant: medians over rounds, and the median over rounds of its ratio to that round's seed run."""
+    seed_rounds = results["seed"]["rounds"]
+    for r in results.values():
+        rounds = r["rounds"]
+        r["time_s"] = statistics.median(run["time_s"] for run in rounds)
+        r["transient_mb"] = statistics.median(run["transient_mb"] for run in rounds)
+        r["grad_mb"] = rounds[0]["grad_mb"]
+        r["time_vs_seed"] = statistics.median(
+            run["time_s"] / seed_run["time_s"] for run, seed_run in zip(rounds, seed_rounds, strict=True))
+        r["memory_vs_seed"] = statistics.median(
+            run["transient_mb"] / seed_run["transient_mb"] for run, seed_run in zip(rounds, seed_rounds, strict=True))
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch", type=int, default=8, help="sequences (default 8, one GRPO group)")
@@ -172,6 +189,9 @@ def main() -> int:
     parser.add_argument("--hidden", type=int, default=QWEN25_05B_HIDDEN, help="hidden size (Qwen2.5-0.5B: 896)")
     parser.add_argument("--vocab", type=int, default=QWEN25_VOCAB, help="vocabulary size (Qwen2.5: 151,936)")
     parser.add_argument("--repeats", type=int, default=2, help="timed repeats after the measured first run")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="run all variants this many times, interleaved, and compare each variant with the seed "
+                             "run of the same round: on a shared machine the load drifts between variants")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--chunk-size", type=int, help="linear_policy_loss's tokens per tile (default: automatic)")
     parser.add_argument("--json", type=Path, help="also write the results to this JSON file")
@@ -190,25 +210,29 @@ def main() -> int:
     variants = ["seed"] + [name for name in VARIANTS[1:] if name in args.variants]
     print(f"GRPO loss from hidden states, forward + backward: {tokens} tokens (B={args.batch}, T={args.length}), "
           f"H={args.hidden}, V={args.vocab}, float32, {torch.get_num_threads()} threads", flush=True)
-    results = {}
+    results = {name: {"rounds": []} for name in variants}
     with tempfile.TemporaryDirectory(prefix="bench_logprobs_") as tmp:
         loss_inputs = f"{tmp}/loss_inputs.safetensors"
         save_file(make_loss_inputs(args, *make_inputs(args)), loss_inputs)
-        for name in variants:
-            cmd = [sys.executable, __file__, "--worker", name, "--out", f"{tmp}/{name}.safetensors",
-                   "--loss-inputs", loss_inputs,
-                   "--batch", str(args.batch), "--length", str(args.length), "--hidden", str(args.hidden),
-                   "--vocab", str(args.vocab), "--repeats", str(args.repeats), "--seed", str(args.seed)]
-            if args.chunk_size is not None:
-                cmd += ["--chunk-size", str(args.chunk_size)]
-            proc = subprocess.run(cmd, capture_output=True, text=True)
-            if proc.returncode != 0:
-                print(proc.stderr, file=sys.stderr)
-                print(f"variant {name} failed (exit {proc.returncode}); with too little memory, "
-                      "lower --batch or --length", file=sys.stderr)
-                return 1
-            results[name] = json.loads(proc.stdout.strip().splitlines()[-1])
-            print(f"  {name}: {results[name]['time_s']:.2f} s, {results[name]['transient_mb']:.0f} MB", flush=True)
+        for round_index in range(args.rounds):
+            for name in variants:
+                cmd = [sys.executable, __file__, "--worker", name, "--out", f"{tmp}/{name}.safetensors",
+                       "--loss-inputs", loss_inputs,
+                       "--batch", str(args.batch), "--length", str(args.length), "--hidden", str(args.hidden),
+                       "--vocab", str(args.vocab), "--repeats", str(args.repeats), "--seed", str(args.seed)]
+                if args.chunk_size is not None:
+                    cmd += ["--chunk-size", str(args.chunk_size)]
+                proc = subprocess.run(cmd, capture_output=True, text=True)
+                if proc.returncode != 0:
+                    print(proc.stderr, file=sys.stderr)
+                    print(f"variant {name} failed (exit {proc.returncode}); with too little memory, "
+                          "lower --batch or --length", file=sys.stderr)
+                    return 1
+                run = json.loads(proc.stdout.strip().splitlines()[-1])
+                results[name]["rounds"].append(run)
+                print(f"  round {round_index + 1}, {name}: {run['time_s']:.2f} s, {run['transient_mb']:.0f} MB",
+                      flush=True)
+        summarize(results)
         agreement = compare(Path(tmp), variants[1:])
 
     seed = results["seed"]
@@ -221,8 +245,6 @@ def main() -> int:
         diff_text = "-" if diff is None else " / ".join(
             f"{value:.1e}" for value in (diff["loss"], max(v for k, v in diff.items() if k.startswith("metric/")),
                                          diff["grad_hidden"], diff["grad_weight"]))
-        r["time_vs_seed"] = r["time_s"] / seed["time_s"]
-        r["memory_vs_seed"] = r["transient_mb"] / seed["transient_mb"]
         print(f"| {name} | {r['time_s']:.2f} | {r['time_vs_seed']:.2f}x | {r['transient_mb']:.0f} | "
               f"{100 * r['memory_vs_seed']:.1f}% | {diff_text} |")
     print(f"\ngradients held by every variant (hidden + weight): {seed['grad_mb']:.0f} MB")
