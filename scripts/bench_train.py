@@ -42,7 +42,8 @@ optimizer update on all 64. Settings, ours (YAML key of grpo_ref_split.py) -> TR
                                                 the KL term by the importance ratio)
     learning_rate, lr_scheduler_type constant, warmup_steps 0, weight_decay 0.0, optim adamw_torch,
     max_grad_norm 1.0, max_steps, seed       -> the same names and values
-    gradient_checkpointing false             -> gradient_checkpointing False (TRL's default is True)
+    gradient_checkpointing false             -> activation_checkpointing False (gradient_checkpointing, its
+                                                deprecated alias, defaults to True in TRL)
     dtype float32 (CPU) / bfloat16 (GPU)     -> model_init_kwargs dtype float32, bf16 False, use_cpu True on
                                                 the CPU; dtype bfloat16 and bf16 True on a GPU
     reward_funcs [accuracy, format]          -> the same two built-ins (grpo_split.rollouts.rewards) through
@@ -534,7 +535,7 @@ def trl_config_kwargs(preset: Preset, *, output_dir: Path, steps: int, gpu: bool
         "use_cpu": not gpu,
         "bf16": gpu,
         "fp16": False,
-        "gradient_checkpointing": False,
+        "activation_checkpointing": False,  # transformers 5's name; gradient_checkpointing is its deprecated alias
         "num_generations": NUM_GENERATIONS,
         "per_device_train_batch_size": COMPLETIONS_PER_STEP // ga,
         "gradient_accumulation_steps": ga,
@@ -596,7 +597,7 @@ SAME_SETTINGS = (
     ("max_steps", "max_steps"),
     ("gradient_accumulation_steps", "gradient_accumulation_steps"),
     ("seed", "seed"),
-    ("gradient_checkpointing", "gradient_checkpointing"),
+    ("gradient_checkpointing", "activation_checkpointing"),
 )
 
 
