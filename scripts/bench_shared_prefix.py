@@ -130,7 +130,8 @@ def bench_update(model, ids, mask, prompt_length, temperature, repeats):
 
 
 def bench_frozen(model, ids, mask, prompt_length, temperature, repeats):
-    """(b) frozen_logps, the old and reference log-probs; the plain run with the model's plan set aside."""
+    """(b) frozen_logps, the old and reference log-probs. The batch is one micro-batch of it, so the plain
+    run is frozen_logps's own computation with `prefix=UNSHARED` (which frozen_logps does not take)."""
     def run(prefix):
         def call():
             if prefix is None:
