@@ -24,7 +24,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from grpo_split.config.parsing import ConfigError
-from stable_ops import linear_logps, log_softmax, per_token_logps
+from stable_ops import linear_logps, linear_policy_loss, log_softmax, per_token_logps, policy_loss
 
 log = logging.getLogger(__name__)
 
@@ -667,14 +667,7 @@ def _tail_inputs(input_ids, attention_mask, prompt_length) -> dict:
 def _head_logps(
     head: torch.nn.Linear, hidden: torch.Tensor, labels: torch.Tensor, temperature: float, plan: LMHeadPlan
 ) -> torch.Tensor:
-    """`linear_logps` with the head's weight and the plan's transform; (B, C, H) -> (B, C).
-
-    Under DeepSpeed ZeRO-3 the weight is a partitioned placeholder except while its own module runs
-    (ZeRO-3 gathers a module's parameters in its forward hooks and again before its backward), so the
-    fused computation is run *as* the head's forward: the hooks gather the full weight for it and for
-    its backward, exactly as they would for the plain Linear, and the logits are still never built.
-    Tied embeddings need nothing special: the head's weight is the embedding's parameter.
-    """
+    """`linear_logps` with the head's weight and the plan's transform; (B, C, H) -> (B, C)."""
 
     def fused_forward(states: torch.Tensor) -> torch.Tensor:
         return linear_logps(
@@ -682,6 +675,18 @@ def _head_logps(
             logit_scale=plan.logit_scale, softcap=plan.softcap,
         )
 
+    return run_as_head(head, fused_forward, hidden)
+
+
+def run_as_head(head: torch.nn.Module, fused_forward, hidden: torch.Tensor):
+    """`fused_forward(hidden)`, a computation that reads `head.weight`, run where that weight is whole.
+
+    Under DeepSpeed ZeRO-3 the weight is a partitioned placeholder except while its own module runs
+    (ZeRO-3 gathers a module's parameters in its forward hooks and again before its backward), so the
+    fused computation is run *as* the head's forward: the hooks gather the full weight for it and for
+    its backward, exactly as they would for the plain Linear, and the logits are still never built.
+    Tied embeddings need nothing special: the head's weight is the embedding's parameter.
+    """
     if not hasattr(head.weight, "ds_id"):  # not partitioned: call directly, no hook machinery
         return fused_forward(hidden)
     head.forward = fused_forward
@@ -689,6 +694,50 @@ def _head_logps(
         return head(hidden)
     finally:
         del head.forward  # back to the class's Linear.forward
+
+
+def completion_loss(
+    model,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    prompt_length: int,
+    temperature: float,
+    *,
+    old_logps: torch.Tensor | None,
+    ref_logps,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    loss_settings: dict,
+    head: LMHeadPlan | None = None,
+    prefix: PrefixPlan | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The GRPO loss of the completions of (B, T) `input_ids` and its metrics: what
+    `policy_loss(completion_logps(...), old_logps, ref_logps(), advantages, mask, **loss_settings)` returns.
+
+    With a fused head plan it is `stable_ops.linear_policy_loss` over the completion hidden states:
+    each tile's loss gradient is taken while its logits exist, so forward and backward cost three
+    LM-head matmuls (`linear_logps` + `policy_loss` cost four) and the backward only hands back
+    stored gradients. `ref_logps` is a callable returning the (B, C) reference log-probs or None,
+    called after the transformer's forward, so a reference request still in flight overlaps it.
+    """
+    _check_inputs("completion_loss", input_ids, prompt_length)
+    if head is None:
+        head = lm_head_plan(model)
+    labels = input_ids[:, prompt_length:]  # (B, C)
+    if not head.fused:
+        logps = completion_logps(model, input_ids, attention_mask, prompt_length, temperature, head, prefix)
+        return policy_loss(logps, old_logps, ref_logps(), advantages, mask, **loss_settings)
+    hidden = completion_hidden(model, input_ids, attention_mask, prompt_length, prefix)  # (B, C, H)
+    lm_head = model.get_output_embeddings()
+    reference = ref_logps()
+
+    def fused_forward(states: torch.Tensor):
+        return linear_policy_loss(
+            states.to(lm_head.weight.dtype), lm_head.weight, labels, old_logps, reference, advantages, mask,
+            temperature=temperature, logit_scale=head.logit_scale, softcap=head.softcap, **loss_settings,
+        )
+
+    return run_as_head(lm_head, fused_forward, hidden)
 
 
 def row_chunks(num_rows: int, row_length: int, max_tokens: int) -> list[slice]:

@@ -289,7 +289,7 @@ def test_a_non_finite_loss_skips_the_update_and_training_goes_on(tmp_path, toy_m
                                                                   monkeypatch, capsys):
     from grpo_split.training import update
 
-    real_loss = update.policy_loss
+    real_loss = update.micro_batch_loss
     calls = {"n": 0}
 
     def nan_on_first_step(*args, **kwargs):
@@ -297,7 +297,7 @@ def test_a_non_finite_loss_skips_the_update_and_training_goes_on(tmp_path, toy_m
         calls["n"] += 1
         return (loss * float("nan") if calls["n"] == 1 else loss), metrics
 
-    monkeypatch.setattr(update, "policy_loss", nan_on_first_step)
+    monkeypatch.setattr(update, "micro_batch_loss", nan_on_first_step)
     record: list = []
     argv = toy_config(tmp_path, toy_model_dir, toy_dataset_path, max_steps=3, save_steps=1, warmup_steps=3)
     assert run_steps(argv, monkeypatch, record) == 0

@@ -15,7 +15,7 @@ import torch
 
 from grpo_split.config.parsing import ConfigError
 from grpo_split.config.trainer import RunConfig
-from grpo_split.modeling import completion_logps
+from grpo_split.modeling import completion_logps, completion_loss
 
 
 def deepspeed_config(config: RunConfig, world_size: int, rows_per_rank: int, dtype: torch.dtype) -> dict:
@@ -80,6 +80,9 @@ class PolicyLogps(torch.nn.Module):
     then replaced the previous one (measured: the update was the last micro-batch's alone). Making
     the log-prob computation itself the wrapped module's forward routes it through DeepSpeed.
     The causal LM is `.policy` (generation, save_pretrained).
+
+    With `loss_inputs` (the keyword arguments of `modeling.completion_loss` after the temperature),
+    the forward returns the GRPO loss and its metrics instead, with the loss fused into the LM head.
     """
 
     def __init__(self, policy):
@@ -87,7 +90,10 @@ class PolicyLogps(torch.nn.Module):
         self.policy = policy
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_length: int,
-                temperature: float) -> torch.Tensor:
+                temperature: float, loss_inputs: dict | None = None):
+        if loss_inputs is not None:
+            return completion_loss(self.policy, input_ids, attention_mask, prompt_length, temperature,
+                                   **loss_inputs)
         return completion_logps(self.policy, input_ids, attention_mask, prompt_length, temperature)
 
 

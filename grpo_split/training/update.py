@@ -18,7 +18,6 @@ import torch
 from grpo_split.config.trainer import RunConfig
 from grpo_split.contract.batch import Batch
 from grpo_split.training import distributed as dist_utils
-from stable_ops import policy_loss
 
 
 def zero_loss(engine, batch: Batch) -> torch.Tensor:
@@ -154,26 +153,32 @@ def train_on_batch(engine, batch: Batch, config: RunConfig, world_size: int, ref
 def micro_batch_loss(engine, batch: Batch, part: torch.Tensor, old_logps: torch.Tensor | None, ref_logps,
                      config: RunConfig, num_items: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The GRPO loss of one micro-batch (`part`: its row indices) and its metrics; the loss carries the
-    gradient. `ref_logps()` returns the batch's (N, C) reference log-probs (waiting for them the first time)."""
+    gradient. `ref_logps()` returns the batch's (N, C) reference log-probs (waiting for them the first
+    time). The engine's forward computes the loss itself (fused into the LM head: `modeling.completion_loss`)."""
     loss_cfg = config.loss
-    logps = engine_logps(engine, batch, part, grad=True)  # (b, C') float32, C' <= C trimmed columns
-    device = logps.device
-    kept = slice(0, logps.shape[1])  # the completion columns trim_padding kept
-    ref = ref_logps()
-    return policy_loss(
-        logps,
-        None if old_logps is None else old_logps[part, kept].to(device),
-        None if ref is None else ref[part, kept].to(device),
-        batch.advantages[part].to(device),
-        batch.completion_mask[part, kept].to(device),
-        beta=loss_cfg.beta,
-        epsilon_low=loss_cfg.epsilon,
-        epsilon_high=loss_cfg.epsilon_high,
-        loss_type=loss_cfg.loss_type,
-        max_completion_length=config.rollout.max_completion_length,
-        importance_sampling_level=loss_cfg.importance_sampling_level,
-        num_items=num_items,
-    )
+    device = engine.device
+    input_ids, attention_mask, prompt_length, kept = trim_padding(batch, part)  # (b, P' + C'); C' = kept
+
+    def reference() -> torch.Tensor | None:
+        ref = ref_logps()
+        return None if ref is None else ref[part, :kept].to(device)  # (b, C')
+
+    loss_inputs = {
+        "old_logps": None if old_logps is None else old_logps[part, :kept].to(device),
+        "ref_logps": reference,
+        "advantages": batch.advantages[part].to(device),
+        "mask": batch.completion_mask[part, :kept].to(device),
+        "loss_settings": {
+            "beta": loss_cfg.beta,
+            "epsilon_low": loss_cfg.epsilon,
+            "epsilon_high": loss_cfg.epsilon_high,
+            "loss_type": loss_cfg.loss_type,
+            "max_completion_length": config.rollout.max_completion_length,
+            "importance_sampling_level": loss_cfg.importance_sampling_level,
+            "num_items": num_items,
+        },
+    }
+    return engine(input_ids.to(device), attention_mask.to(device), prompt_length, batch.temperature, loss_inputs)
 
 
 def step_at_boundary(engine, skip: bool) -> float:
