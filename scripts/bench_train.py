@@ -136,6 +136,7 @@ TOP_P = 1.0
 LEARNING_RATE = 1e-6
 MAX_GRAD_NORM = 1.0
 SEED = 0
+REF_MAX_BATCH_TOKENS = 16384  # the reference server's micro-batch budget (its default, passed explicitly)
 REWARD_FUNCS = ("accuracy", "format")  # the project's built-ins; TRL gets them through `trl_reward_funcs`
 
 PAD_TOKEN = "<|endoftext|>"
@@ -649,6 +650,9 @@ class Work:
                     + 4.0 * arch.num_layers * arch.num_heads * arch.head_dim * self.attention_pairs)
         return self.passes * per_pass
 
+    def __rmul__(self, times: float) -> Work:
+        return Work(times * self.body_tokens, times * self.head_positions, times * self.attention_pairs, self.passes)
+
     def __add__(self, other: Work) -> Work:
         if self.passes != other.passes:
             raise ValueError("cannot add work of different passes")
@@ -725,7 +729,8 @@ class RefServer:
 
     def __init__(self, model_dir: Path, log_path: Path, *, gpu: bool, timeout: float = 300.0):
         cmd = [sys.executable, str(REPO / "ref_server.py"), "--model_name_or_path", str(model_dir), "--port", "0",
-               "--device", "cuda" if gpu else "cpu", "--dtype", "bfloat16" if gpu else "float32"]
+               "--device", "cuda" if gpu else "cpu", "--dtype", "bfloat16" if gpu else "float32",
+               "--max_batch_tokens", str(REF_MAX_BATCH_TOKENS)]
         self.log_path = log_path
         self.log = open(log_path, "w")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=self.log, text=True,
@@ -779,12 +784,22 @@ def _tail(path: Path, lines: int = 30) -> str:
         return ""
 
 
-def detect_prompt_sharing(log_text: str) -> bool:
-    """Whether the trainer's log says each group's prompt was forwarded once ("Prompt sharing: ..." lines of
-    grpo_split.modeling, where the checkout has them); False when it says every row forwards its own prompt
-    or says nothing."""
-    lines = [line for line in log_text.splitlines() if "Prompt sharing:" in line and "training forwards" not in line]
-    return bool(lines) and not any("every row forwards its own prompt" in line for line in lines)
+def prompt_sharing_plan(model_dir: Path) -> bool:
+    """Whether our code forwards each group's prompt once for this model: `grpo_split.modeling.prefix_plan`,
+    the check the trainer and the server run at load, run here on the same weights (False in a checkout
+    without it)."""
+    from grpo_split import modeling
+
+    if not hasattr(modeling, "prefix_plan"):
+        return False
+    return bool(modeling.prefix_plan(modeling.load_causal_lm(str(model_dir), torch.float32)).shared)
+
+
+def detect_prompt_sharing(log_text: str, planned: bool) -> bool:
+    """`planned` unless the process's log says a prompt was forwarded per row after all (grpo_split.modeling
+    warns "Prompt sharing: ... every row forwards its own prompt" when its check fails or checkpointing is on)."""
+    return planned and not any("Prompt sharing:" in line and "every row forwards its own prompt" in line
+                               for line in log_text.splitlines())
 
 
 def run_ours(preset: Preset, model_dir: Path, data_path: Path, run_dir: Path, steps: int, *, gpu: bool,
@@ -816,9 +831,10 @@ def run_ours(preset: Preset, model_dir: Path, data_path: Path, run_dir: Path, st
     finally:
         server.stop()
     metrics = read_metrics(output_dir / "metrics.jsonl")
-    log_text = log_path.read_text(errors="replace")
+    planned = prompt_sharing_plan(model_dir)
     return {"steps": metrics, "server": server_stats, "wall_seconds": wall, "log": str(log_path),
-            "prompt_sharing": detect_prompt_sharing(log_text),
+            "prompt_sharing": detect_prompt_sharing(log_path.read_text(errors="replace"), planned),
+            "server_prompt_sharing": detect_prompt_sharing(_tail(run_dir / "ref_server.log", 400), planned),
             "timing_logged": all(f"timing/{p}" in metrics[-1] for p in ("generate", "rewards", "reference", "update"))}
 
 
@@ -986,27 +1002,68 @@ def median_of(steps: list[dict], key: str) -> float | None:
     return statistics.median(values) if values else None
 
 
-def ours_step_work(preset: Preset, step: dict, prompt_lens: Sequence[int], *, prompt_sharing: bool
-                   ) -> tuple[dict[str, Work], dict[str, Work]]:
-    """(work as computed, useful work) of one of our steps, from its metrics line and the prompts' lengths."""
+def min_of(steps: list[dict], key: str) -> float | None:
+    """The fastest timed step: on a shared machine, the one least slowed by other processes."""
+    values = [float(s[key]) for s in timed_steps(steps) if isinstance(s.get(key), (int, float))]
+    return min(values) if values else None
+
+
+def shared_prompt_work(rows: int, distinct: int, prompt_pad: float, completion_pad: float, passes: int) -> Work:
+    """`completion_hidden` with each distinct prompt forwarded once: the first prompt_pad - 1 tokens of
+    `distinct` prompts, then every row's tail (its last prompt token and all but its last completion token,
+    completion_pad positions, attending to the cached prompt); logits at the tail's positions."""
+    P, C = prompt_pad, completion_pad
+    return Work(distinct * (P - 1) + rows * C, rows * C,
+                distinct * causal_pairs(P - 1) + rows * (C * P + C * (C - 1) / 2), passes)
+
+
+def reference_distinct_prompts(rows: int, length: int, max_batch_tokens: int = REF_MAX_BATCH_TOKENS) -> int:
+    """Distinct prompts the server forwards for one request: it cuts the rows into chunks of
+    max_batch_tokens // length (`grpo_split.modeling.row_chunks`), and a group split over two chunks is
+    forwarded in each."""
+    per_chunk = max(1, max_batch_tokens // max(length, 1))
+    groups = [{r // NUM_GENERATIONS for r in range(start, min(start + per_chunk, rows))}
+              for start in range(0, rows, per_chunk)]
+    return sum(len(g) for g in groups)
+
+
+def ours_step_work(preset: Preset, step: dict, prompt_lens: Sequence[int], *, prompt_sharing: bool,
+                   server_sharing: bool | None = None) -> tuple[dict[str, Work], dict[str, Work]]:
+    """(work as computed, useful work) of one of our steps, from its metrics line and the prompts' lengths.
+
+    The update's micro-batches are trimmed of all-padding columns (grpo_split.training.update.trim_padding):
+    `padding_fraction` gives the positions they hold, real tokens / (1 - padding_fraction). A micro-batch of
+    exactly one group (gsm8k) has no prompt padding, so its completion columns are the rest; with several
+    groups per micro-batch (short, medium: every completion runs to the maximum) each row keeps all C
+    completion columns and the rest are prompt columns. With `prompt_sharing`, each micro-batch forwards its
+    distinct prompts once (their first P' - 1 tokens) and every row its C' + 1 - 1 tail positions."""
     rows, G = COMPLETIONS_PER_STEP, NUM_GENERATIONS
     P = max(prompt_lens)
     C = int(step["completions/max_length"])
     mean_c = float(step["completions/mean_length"])
     row_prompts = [p for p in prompt_lens for _ in range(G)]
     generate = generate_work(rows, P, C, prefill_rows=PROMPTS_PER_STEP if prompt_sharing else None)
-    reference = sequence_work(rows, P + C, rows * C, 1)  # the server's fused head: completion positions only
-    padding = step.get("padding_fraction")
-    if padding is None:  # a trainer that runs every micro-batch at the full width
-        update = sequence_work(rows, P + C, rows * C, 3)
+    if prompt_sharing if server_sharing is None else server_sharing:
+        reference = shared_prompt_work(rows, reference_distinct_prompts(rows, P + C), P, C, 1)
     else:
-        # Micro-batches trimmed of all-padding columns: positions computed = real tokens / (1 - padding).
+        reference = sequence_work(rows, P + C, rows * C, 1)  # the server's fused head: completion positions only
+    micro, batches = preset.micro_batch, preset.gradient_accumulation_steps
+    padding = step.get("padding_fraction")
+    if padding is None:  # a trainer whose micro-batches keep the full width
+        prompt_columns, completion_columns = batches * P, batches * C  # summed over the micro-batches
+    else:
         computed = (sum(row_prompts) + rows * mean_c) / (1.0 - padding)
-        # A micro-batch of exactly one group has no prompt padding, so its completion columns are the rest;
-        # with several groups per micro-batch (short/medium: completions all run to the maximum) each row
-        # keeps the full completion width.
-        head = computed - G * sum(prompt_lens) if preset.micro_batch == G else rows * C
-        update = Work(computed, head, rows * causal_pairs(computed / rows), 3)
+        if micro == G:
+            prompt_columns = sum(prompt_lens)
+            completion_columns = computed / micro - prompt_columns
+        else:
+            completion_columns = batches * C
+            prompt_columns = computed / micro - completion_columns
+    mean_p, mean_c_cols = prompt_columns / batches, completion_columns / batches  # per micro-batch
+    if prompt_sharing:
+        update = batches * shared_prompt_work(micro, micro // G, mean_p, mean_c_cols, 3)
+    else:
+        update = batches * sequence_work(micro, mean_p + mean_c_cols, micro * mean_c_cols, 3)
     return ({"generate": generate, "reference": reference, "update": update},
             useful_work(row_prompts, [mean_c] * rows))
 
@@ -1037,9 +1094,12 @@ def analyze(preset: Preset, prompt_lens: list[int], ours: dict | None, trl: dict
     result: dict[str, Any] = {}
     if ours is not None:
         steps = ours["steps"]
-        works = [ours_step_work(preset, s, prompt_lens, prompt_sharing=ours["prompt_sharing"]) for s in steps]
+        works = [ours_step_work(preset, s, prompt_lens, prompt_sharing=ours["prompt_sharing"],
+                                server_sharing=ours.get("server_prompt_sharing", ours["prompt_sharing"]))
+                 for s in steps]
         seconds = {p: median_of(steps, f"timing/{p}") for p in PHASES}
         seconds["step"] = median_of(steps, "step_time")
+        fastest = min_of(steps, "step_time")
         server = ours.get("server") or {}
         batches = server.get("batches_processed") or 0
         busy = server["tokens_processed"] / server["tokens_per_second"] if server.get("tokens_per_second") else None
@@ -1047,6 +1107,7 @@ def analyze(preset: Preset, prompt_lens: list[int], ours: dict | None, trl: dict
         flop_seconds = {"generate": seconds["generate"], "reference": server_forward, "update": seconds["update"],
                         "step": seconds["step"]}
         result["ours"] = {**side_summary(arch, steps, works, flop_seconds), "phase_seconds": seconds,
+                          "fastest_step_seconds": fastest, "load": ours.get("load"),
                           "server_forward_seconds": server_forward,
                           "tokens_per_second": {k: median_of(steps, k) for k in steps[-1]
                                                 if k.startswith("tokens_per_second")},
@@ -1063,11 +1124,13 @@ def analyze(preset: Preset, prompt_lens: list[int], ours: dict | None, trl: dict
         seconds = {p: median_of(steps, f"timing/{p}") for p in PHASES}
         seconds["step"] = median_of(steps, "step_time")
         result["trl"] = {**side_summary(arch, steps, works, seconds), "phase_seconds": seconds,
+                         "fastest_step_seconds": min_of(steps, "step_time"), "load": trl.get("load"),
                          "completion_mean": median_of(steps, "completions/mean_length"),
                          "completion_max": median_of(steps, "completions/max_length")}
     if ours is not None and trl is not None:
         result["ratio_ours_over_trl_step_rate"] = result["trl"]["phase_seconds"]["step"] / \
             result["ours"]["phase_seconds"]["step"]
+        result["ratio_fastest_steps"] = result["trl"]["fastest_step_seconds"] / result["ours"]["fastest_step_seconds"]
     return result
 
 
@@ -1089,15 +1152,18 @@ def report(preset: Preset, prompt_lens: list[int], analysis: dict, peaks: list[f
                f"{min(prompt_lens)}-{max(prompt_lens)} tokens, completions of at most {preset.max_completion_length}, "
                f"micro-batches of {preset.micro_batch} (gradient accumulation {preset.gradient_accumulation_steps})")
     out.append(f"machine: {torch.get_num_threads()} torch threads, {os.cpu_count()} CPUs; float32 matmul peak "
-               f"(2048^3 torch.mm) {' / '.join(f'{p / 1e9:.1f}' for p in peaks)} GFLOP/s (before / after the runs); "
-               "shared and noisy")
+               f"(2048^3 torch.mm) {' / '.join(f'{p / 1e9:.1f}' for p in peaks)} GFLOP/s (measured before, "
+               f"{'between and ' if len(peaks) > 2 else ''}after the runs; the highest is the peak); shared and noisy")
     ours, trl = analysis.get("ours"), analysis.get("trl")
     sides = [(name, side) for name, side in (("ours", ours), ("TRL", trl)) if side is not None]
     out.append("")
-    out.append("step time (median): " + "   ".join(f"{n} {s['phase_seconds']['step']:.2f} s" for n, s in sides))
+    out.append("step time (median): " + "   ".join(f"{n} {s['phase_seconds']['step']:.2f} s" for n, s in sides)
+               + "      fastest step: " + "   ".join(f"{n} {s['fastest_step_seconds']:.2f} s" for n, s in sides))
     if "ratio_ours_over_trl_step_rate" in analysis:
-        out.append(f"ratio ours / TRL step rate: {analysis['ratio_ours_over_trl_step_rate']:.2f}x "
-                   "(above 1: ours does a step faster)")
+        out.append(f"ratio ours / TRL step rate: {analysis['ratio_ours_over_trl_step_rate']:.2f}x from the medians, "
+                   f"{analysis['ratio_fastest_steps']:.2f}x from the fastest steps (above 1: ours does a step faster)")
+    out.append("machine load (1-min load average at each side's start and end): " + "   ".join(
+        f"{n} {s['load'][0]:.1f} -> {s['load'][1]:.1f}" for n, s in sides if s.get("load")))
     out.append("completion length (median of the step means / maxima): "
                + "   ".join(f"{n} {s['completion_mean']:.1f} / {s['completion_max']:.0f}" for n, s in sides))
 
@@ -1144,7 +1210,9 @@ def report(preset: Preset, prompt_lens: list[int], analysis: dict, peaks: list[f
                        + _f(None if urate is None else urate / 1e9, ".1f", 10))
     out.append("GFLOP: as each side computes it (padding included, TRL's LM head on every position on a CPU, ours on "
                "completion positions; ours' generation prefill "
-               + ("once per prompt" if ours and ours["prompt_sharing"] else "once per row") + "); useful: real tokens "
+               + ("once per group" if ours and ours["prompt_sharing"] else "once per row")
+               + (", and in its reference and update forwards too" if ours and ours["prompt_sharing"] else "")
+               + "); useful: real tokens "
                "only, each row with its own prompt; extra: 1 - useful / GFLOP, the share spent on padding (and TRL's "
                "prompt-position logits), negative where a side computes less than that count (a prompt forwarded "
                "once per group); ours' reference rate uses the server's forward time")
@@ -1202,13 +1270,21 @@ def main(argv: Sequence[str] | None = None) -> int:
                                             "the settings mapping and the FLOP accounting.")
     parser.add_argument("--preset", choices=sorted(PRESETS), default="short")
     parser.add_argument("--steps", type=int, default=4, help="steps per side; step 1 is the warm-up")
-    parser.add_argument("--json", type=Path, help="also write the results to this JSON file")
+    parser.add_argument("--json", type=Path, help="also write the results (and each side's raw steps) to this file")
     parser.add_argument("--skip-trl", action="store_true", help="run ours only (where TRL is not installed)")
     parser.add_argument("--work-dir", type=Path, default=REPO / "outputs" / "bench_train",
                         help="built models and data (reused) and each run's logs")
     parser.add_argument("--peak-seconds", type=float, default=3.0, help="seconds of each matmul-peak measurement")
     parser.add_argument("--timeout", type=float, default=7200.0, help="seconds our trainer may run")
+    parser.add_argument("--report-from", type=Path, metavar="JSON",
+                        help="print the report of an earlier run's --json file again (nothing is run)")
     args = parser.parse_args(argv)
+    if args.report_from:
+        payload = json.loads(args.report_from.read_text())
+        preset = Preset(**payload["preset"])
+        analysis = analyze(preset, payload["prompt_lengths"], payload["ours"], payload["trl"])
+        print(report(preset, payload["prompt_lengths"], analysis, payload["peak_flops_per_second"], payload["steps"]))
+        return 0
     if args.steps < 1:
         parser.error("--steps must be >= 1")
     preset = PRESETS[args.preset]
@@ -1226,14 +1302,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     peaks = [measure_matmul_peak(args.peak_seconds)]
     print(f"float32 matmul peak: {peaks[0] / 1e9:.1f} GFLOP/s", flush=True)
 
+    load_before = os.getloadavg()[0]
     ours = run_ours(preset, model_dir, data_path, run_dir, args.steps, gpu=gpu, timeout=args.timeout)
+    ours["load"] = (load_before, os.getloadavg()[0])
     print(f"ours: done in {ours['wall_seconds']:.0f} s", flush=True)
-    trl = None
+    trl, failed = None, False
     if not args.skip_trl:
         ours_values = ours_config(preset, model_dir=model_dir, data_path=data_path, output_dir=run_dir / "ours",
                                   steps=args.steps, ref_server_url="http://127.0.0.1:0", gpu=gpu)
-        trl = run_trl(preset, model_dir, run_dir, args.steps, gpu=gpu, ours_values=ours_values)
-        print(f"TRL: done in {trl['wall_seconds']:.0f} s", flush=True)
+        peaks.append(measure_matmul_peak(args.peak_seconds))
+        load_before = os.getloadavg()[0]
+        try:
+            trl = run_trl(preset, model_dir, run_dir, args.steps, gpu=gpu, ours_values=ours_values)
+        except Exception as exc:  # report ours anyway; the exit code says TRL failed
+            print(f"TRL failed: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
+            failed = True
+        else:
+            trl["load"] = (load_before, os.getloadavg()[0])
+            print(f"TRL: done in {trl['wall_seconds']:.0f} s", flush=True)
     peaks.append(measure_matmul_peak(args.peak_seconds))
 
     analysis = analyze(preset, prompt_lens, ours, trl)
@@ -1243,11 +1329,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         payload = {"preset": dataclasses.asdict(preset), "steps": args.steps, "prompt_lengths": prompt_lens,
                    "peak_flops_per_second": peaks, "threads": torch.get_num_threads(), "gpu": gpu,
-                   "analysis": analysis, "ours_steps": ours["steps"], "ours_server": ours["server"],
-                   "trl_steps": trl["steps"] if trl else None, "run_dir": str(run_dir)}
+                   "analysis": analysis, "ours": ours, "trl": trl, "run_dir": str(run_dir)}
         args.json.write_text(json.dumps(payload, indent=2, default=str) + "\n")
         print(f"results written to {args.json}")
-    return 0
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

@@ -80,8 +80,15 @@ def test_step_work_of_each_side():
     assert work["update"].head_positions == pytest.approx(8 * sum(longest))
     assert work["reference"].head_positions == 64 * 220
     assert work["generate"] == bench.generate_work(64, 200, 220)
-    assert bench.ours_step_work(preset, ours_step, prompts, prompt_sharing=True)[0]["generate"] == \
-        bench.generate_work(64, 200, 220, prefill_rows=8)
+    # Prompt sharing: each micro-batch (one group) forwards its prompt's first P - 1 tokens once; generation
+    # prefills each of the 8 prompts once; the server forwards each group's prompt once per chunk of rows.
+    shared, _ = bench.ours_step_work(preset, ours_step, prompts, prompt_sharing=True)
+    assert shared["generate"] == bench.generate_work(64, 200, 220, prefill_rows=8)
+    assert shared["update"].body_tokens == pytest.approx(sum(prompts) - 8 + 8 * sum(longest))
+    assert shared["update"].head_positions == pytest.approx(8 * sum(longest))
+    assert bench.reference_distinct_prompts(64, 420) == 9  # chunks of 39 rows: groups 0-4, then 4-7
+    assert bench.reference_distinct_prompts(64, 100) == 8
+    assert shared["reference"] == bench.shared_prompt_work(64, 9, 200, 220, 1)
 
 
 @pytest.mark.parametrize("name", sorted(bench.PRESETS))
@@ -176,9 +183,11 @@ def test_length_clock_raises_the_eos_logit_with_position():
 
 
 def test_detect_prompt_sharing():
-    assert not bench.detect_prompt_sharing("LM head: fused\n")
-    assert bench.detect_prompt_sharing("Prompt sharing: prefix cache verified to 1e-6\n")
-    assert not bench.detect_prompt_sharing("Prompt sharing: every row forwards its own prompt: no cache\n")
+    assert bench.detect_prompt_sharing("LM head: fused\n", planned=True)
+    assert not bench.detect_prompt_sharing("LM head: fused\n", planned=False)
+    assert not bench.detect_prompt_sharing("Prompt sharing: every row forwards its own prompt: no cache\n", True)
+    assert not bench.detect_prompt_sharing("Prompt sharing: off for training forwards, every row forwards its own "
+                                           "prompt: gradient checkpointing\n", True)
 
 
 @pytest.mark.e2e
@@ -196,7 +205,10 @@ def test_smoke_run_ours_only(tmp_path):
     payload = json.loads(out.read_text())
     ours = payload["analysis"]["ours"]
     assert "trl" not in payload["analysis"]
-    assert len(payload["ours_steps"]) == 2
+    assert len(payload["ours"]["steps"]) == 2 and payload["trl"] is None
     assert ours["phase_seconds"]["step"] > 0
     assert ours["flops"]["step"] > 0 and ours["flops_per_second"]["step"] > 0
     assert all(p > 0 for p in payload["peak_flops_per_second"])
+    again = subprocess.run([sys.executable, str(REPO / "scripts" / "bench_train.py"), "--report-from", str(out)],
+                           cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert again.returncode == 0 and "model FLOPs per step" in again.stdout, again.stderr[-3000:]
