@@ -43,18 +43,20 @@ NAME = "linear_policy_loss"
 
 # Automatic tile size: the tokens are cut into about TARGET_TILES tiles, each of at least MIN_CHUNK
 # and at most MAX_CHUNK tokens. The working memory is one tile of logits (x 2 for a soft-cap's
-# slope), while the unfused variants hold several (B, T, V) tensors at once, so an eighth of the
-# tokens keeps it under 10% of theirs. Each tile streams the (V, H) weight twice and the weight's
-# gradient in and out once, so tiles much smaller than ~128 tokens turn the matmuls memory-bound
-# on a CPU; above MAX_CHUNK (311 MB of float32 logits per 512 tokens at V = 151,936) larger tiles
-# buy no speed, only memory.
-TARGET_TILES = 8
+# slope), while the unfused variants hold more than two (B, T, V) float32 tensors at once (1.3 MB
+# per token at V = 151,936 for the seed's log_softmax + gather), so a sixth of the tokens keeps it
+# under 10% of theirs. Larger tiles make faster matmuls: each tile streams the (V, H) weight twice
+# and reads and writes the weight's gradient once, and on the 2-core development CPU the three
+# matmuls of 1,024 tokens took about 11 s in tiles of 128, 10 s in tiles of 256 and 9 s in one tile
+# (busy machine, two interleaved runs each). MAX_CHUNK bounds the memory of large batches:
+# 622 MB of float32 logits at that vocabulary, 6% of the seed's at 8,192 tokens.
+TARGET_TILES = 6
 MIN_CHUNK = 128
 MAX_CHUNK = 1024
 
 
 def auto_chunk_size(num_tokens: int) -> int:
-    """Tokens per tile for `num_tokens` computed tokens: about an eighth of them, within [MIN_CHUNK, MAX_CHUNK]."""
+    """Tokens per tile for `num_tokens` computed tokens: about a sixth of them, within [MIN_CHUNK, MAX_CHUNK]."""
     return max(MIN_CHUNK, min(MAX_CHUNK, math.ceil(num_tokens / TARGET_TILES)))
 
 
@@ -340,7 +342,7 @@ def linear_policy_loss(
     advantages (B,), mask and the loss options, and `linear_logps` for temperature, logit_scale
     and softcap.
 
-    `chunk_size`: computed tokens per tile, None = `auto_chunk_size` (an eighth of the unmasked
+    `chunk_size`: computed tokens per tile, None = `auto_chunk_size` (a sixth of the unmasked
     tokens, within [128, 1024]). At importance_sampling_level "sequence" (GSPO) a tile holds whole
     rows, so it holds at least one row however long. Masked tokens are not computed at all.
     Memory beyond the inputs and the two gradients: one tile of float32 logits (two with a

@@ -344,7 +344,7 @@ def test_memory_is_one_tile_of_logits(head, tiles, level):
 
 def test_automatic_tile_size():
     assert auto_chunk_size(10) == MIN_CHUNK
-    assert auto_chunk_size(1024) == 128
+    assert auto_chunk_size(1024) == 171  # six tiles
     assert auto_chunk_size(8192) == 1024
     assert auto_chunk_size(10**6) == MAX_CHUNK
 
