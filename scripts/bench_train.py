@@ -58,8 +58,8 @@ Presets (all: 8 prompts x 8 completions, beta 0.04, loss grpo, lr 1e-6, float32 
 heads of 64 dims, a quarter as many KV heads, MLP 5.5 x hidden, untied LM head, vocabulary 16,384):
     short   hidden 256, 4 layers, completions of exactly 32 tokens, short toy-task prompts
     medium  hidden 512, 8 layers, completions of exactly 64 tokens, short toy-task prompts
-    gsm8k   hidden 512, 8 layers, a system prompt of about 100 words and GSM8K-like questions (about 170
-            prompt tokens), max_completion_length 256 with lengths spread over about 96-256 (see below)
+    gsm8k   hidden 512, 8 layers, a system prompt of 100 words (129 tokens) and GSM8K-like questions (prompts
+            of 171-203 tokens), max_completion_length 256 with lengths spread over about 96-256 (see below)
     tiny    hidden 64, 2 layers, 8 tokens, vocabulary 2,048: the test suite's smoke run
 A random model almost never emits EOS, so short/medium completions all run to max_completion_length. For
 gsm8k the model carries a "clock": one layer-0 attention head attends uniformly to every token so far and
@@ -71,24 +71,35 @@ does not depend on its weight values.
 
 Where the time goes. Ours: `timing/generate`, `timing/rewards`, `timing/reference`, `timing/update` and
 `tokens_per_second/*` from metrics.jsonl when the trainer logs them, else `step_time` only (said in the
-output); the reference server's /stats adds its forward time (busy seconds) for the reference phase.
+output). Our trainer sends the reference request as soon as the rollouts exist and waits for it only where
+the first loss needs it, so `timing/reference` is the part of the server's forward not hidden behind the
+update's first forward (on one shared CPU the two compete for the cores); the server's /stats gives its
+forward time (busy seconds), which the FLOP table uses for the reference phase.
 TRL: wall-clock timers around `_generate` (tokenize, generate, decode), `_calculate_rewards`,
 `_get_per_token_logps_and_entropies` on the reference model, and the update (`compute_loss`,
 `accelerator.backward`, `_clip_grad_norm`, `optimizer.step`); per step from `on_step_begin` to
 `on_step_end`. "other" is the step minus the four phases.
 
 FLOP accounting (`phase_flops`): model FLOPs per phase from the token counts of the run (prompt lengths of
-the 8 prompts, completion lengths per step): 2 x (decoder matmul parameters) per forwarded or generated
-token, 2 x hidden x vocab per position whose logits are computed, and attention 4 x layers x hidden x
-(context length) per query token (causal); the update is 3 x its forward (forward + backward). Padding is
-counted as the work it is (both sides left-pad prompts to the longest and right-pad completions to the
-longest), and "useful" is the same count over real tokens only. Logit positions differ per side: ours
-computes the LM head on completion positions only (fused `linear_logps`, whose backward recomputes the
-logits, a further 2 x hidden x vocab per position not counted in the model FLOPs); TRL's fused head scores
-every position of the sequence on a CPU (its compact path is for Triton devices only), prompt positions
-included. HF `generate` (both sides) computes the logits of the last position only and keeps finished rows
-in the batch until every row is done. Achieved FLOP/s per phase and overall are set against the measured
-matmul peak.
+the 8 prompts; completion lengths per step: each row's from TRL's `_generate`, the mean and maximum plus
+`padding_fraction` from our metrics.jsonl): 2 x (decoder matmul parameters) per position forwarded through
+the layers, 2 x hidden x vocab per position whose logits are computed, and attention 4 x layers x hidden x
+(context length) per query position (causal); the update is 3 x its forward (forward + backward). Each
+side is counted as it computes:
+  - both: HF `generate` with a KV cache, logits of the last prompt position and of each new token, finished
+    rows kept in the batch until the longest ends, prompts left-padded to the longest;
+  - TRL: every row forwards its own prompt; reference and update forwards over the whole padded batch; its
+    fused LM head scores every position on a CPU (prompt positions included; its compact path is for Triton
+    devices only);
+  - ours: where `grpo_split.modeling.prefix_plan` allows (checked here on the same weights, and in the logs),
+    each distinct prompt is forwarded once and its KV cache expanded to its rows, in generation, in the
+    reference server's chunks of --max_batch_tokens and in each update micro-batch; micro-batches are cut
+    to their own longest prompt and completion (`padding_fraction` gives the positions they hold); the LM
+    head runs on completion positions only (its fused backward's extra head matmul is not a model FLOP).
+"useful" is the same count over real tokens only, each row with its own prompt, the same definition for both
+sides; "extra" = 1 - useful / computed is padding (and TRL's prompt-position logits), negative where shared
+prompts save more than padding costs. Achieved FLOP/s per phase and overall are set against the measured
+matmul peak (the best of three measurements: the load of other processes lowers each).
 """
 
 from __future__ import annotations
@@ -371,8 +382,8 @@ def build_model(preset: Preset, tokenizer):
 
 # Residual channels of the EOS clock, and the clock's calibration. The EOS logit minus the log of the
 # partition function of the other tokens is about KAPPA x (1 - N0 / n) at n tokens so far (prompt + completion):
-# hazard ~e^-5 at n = N0 / 1.6, 50% at n = N0. Chosen for completions of about 96-256 tokens after prompts
-# of about 170 tokens (measured spread in the module docstring and the benchmark's output).
+# 50% hazard at n = N0. Chosen for completions of about 96-256 tokens after prompts of 171-203 tokens:
+# 64 completions sampled at kappa 7, n0 540 were 79-256 tokens long, median 185, one of them truncated.
 _CLOCK, _CONST, _MARK = 1, 2, 3
 CLOCK_KAPPA = 7.0
 CLOCK_N0 = 540.0
@@ -1196,7 +1207,7 @@ def report(preset: Preset, prompt_lens: list[int], analysis: dict, peaks: list[f
 
     out.append("")
     out.append(f"model FLOPs per step and achieved rate (peak {peak / 1e9:.1f} GFLOP/s)")
-    out.append(f"{'phase':<11}{'side':<6}{'GFLOP':>9}{'useful':>9}{'padding':>9}{'seconds':>9}{'GFLOP/s':>9}"
+    out.append(f"{'phase':<11}{'side':<6}{'GFLOP':>9}{'useful':>9}{'vs use':>9}{'seconds':>9}{'GFLOP/s':>9}"
                f"{'% peak':>8}{'useful/s':>10}")
     for phase in (*FLOP_PHASES, "step"):
         for name, side in sides:
@@ -1204,27 +1215,34 @@ def report(preset: Preset, prompt_lens: list[int], analysis: dict, peaks: list[f
             seconds, rate, urate = side["seconds"].get(phase), side["flops_per_second"][phase], \
                 side["useful_flops_per_second"][phase]
             out.append(f"{phase:<11}{name:<6}{flops / 1e9:9.1f}{useful / 1e9:9.1f}"
-                       f"{100 * (1 - useful / flops):8.0f}%" + _f(seconds, ".2f", 9)
+                       f"{100 * (flops / useful - 1):+8.0f}%" + _f(seconds, ".2f", 9)
                        + _f(None if rate is None else rate / 1e9, ".1f", 9)
                        + (_f(100 * rate / peak, ".1f", 7) + "%" if rate else f"{'-':>8}")
                        + _f(None if urate is None else urate / 1e9, ".1f", 10))
-    out.append("GFLOP: as each side computes it (padding included, TRL's LM head on every position on a CPU, ours on "
-               "completion positions; ours' generation prefill "
-               + ("once per group" if ours and ours["prompt_sharing"] else "once per row")
-               + (", and in its reference and update forwards too" if ours and ours["prompt_sharing"] else "")
-               + "); useful: real tokens "
-               "only, each row with its own prompt; extra: 1 - useful / GFLOP, the share spent on padding (and TRL's "
-               "prompt-position logits), negative where a side computes less than that count (a prompt forwarded "
-               "once per group); ours' reference rate uses the server's forward time")
-
+    sharing = bool(ours and ours["prompt_sharing"])
+    out.append("GFLOP: as each side computes it, padding included (TRL: LM head on every position on a CPU; ours: on "
+               "completion positions, " + ("each group's prompt forwarded once in generation, reference and update"
+                                           if sharing else "every row forwarding its own prompt") + "); useful: real "
+               "tokens only, each row with its own prompt, the same count for both sides; vs use: GFLOP / useful - 1 "
+               "(+ padding and prompt logits, - shared prompts); ours' reference seconds are the server's forward "
+               "time")
     out.append("")
     out.append("where the rest of the time goes")
     for name, side in sides:
-        out.extend(f"  {name}: {line}" for line in explain(preset, side, peak))
+        out.extend(f"  {name}: {line}" for line in explain(preset, side, peak, trl=name == "TRL"))
     return "\n".join(out)
 
 
-def explain(preset: Preset, side: dict, peak: float) -> list[str]:
+def _against_useful(computed: float, useful: float, more: str) -> str:
+    """How a phase's computed FLOPs compare with the useful count, and why."""
+    change = computed / useful - 1
+    if change >= 0:
+        return f"{100 * change:.0f}% more FLOPs than the useful count ({more})"
+    return f"{-100 * change:.0f}% fewer FLOPs than the useful count (each group's prompt forwarded once; padding " \
+        "included)"
+
+
+def explain(preset: Preset, side: dict, peak: float, *, trl: bool) -> list[str]:
     """A few sentences per side: how far each phase is from the peak, and why (padding, small matmuls, waits)."""
     lines = []
     seconds, flops, useful = side["phase_seconds"], side["flops"], side["useful_flops"]
@@ -1234,30 +1252,36 @@ def explain(preset: Preset, side: dict, peak: float) -> list[str]:
                  "peak overall)")
     gen = seconds.get("generate")
     if gen:
-        steps_ = side["completion_max"]
-        per_token = gen / max(steps_, 1)
-        lines.append(f"generate {gen:.2f} s = {steps_:.0f} sampling steps of {COMPLETIONS_PER_STEP} rows at "
-                     f"{1e3 * per_token:.0f} ms each: one-token matmuls (memory-bound), sampling over the vocabulary "
-                     f"and generate's per-step Python; {100 * flops['generate'] / peak / gen:.0f}% of peak, "
-                     f"{100 * (1 - useful['generate'] / flops['generate']):.0f}% of its FLOPs on padding (finished "
-                     "rows keep decoding until the longest ends; prompts left-padded)")
+        tokens, mean = side["completion_max"], side["completion_mean"]
+        per_step = flops["generate"] / max(tokens, 1) / 1e9
+        lines.append(
+            f"generate {gen:.2f} s: a prefill, then {tokens - 1:.0f} one-token steps of {COMPLETIONS_PER_STEP} rows, "
+            f"{1e3 * gen / max(tokens, 1):.0f} ms and {per_step:.2f} GFLOP each on average: "
+            f"matmuls of {COMPLETIONS_PER_STEP} rows, sampling over the vocabulary and per-step overhead keep it at "
+            f"{100 * flops['generate'] / peak / gen:.1f}% of peak; rows that ended keep decoding until the longest "
+            f"does ({100 * (1 - mean / max(tokens, 1)):.0f}% of the completion positions); "
+            + _against_useful(flops["generate"], useful["generate"], "padding"))
     upd = seconds.get("update")
     if upd:
         lines.append(f"update {upd:.2f} s at {100 * flops['update'] / peak / upd:.0f}% of peak; "
-                     f"{100 * (1 - useful['update'] / flops['update']):.0f}% of its FLOPs on padding")
+                     + _against_useful(flops["update"], useful["update"],
+                                       "padding and logits at prompt positions" if trl else "padding"))
     ref = side["seconds"].get("reference")
-    if ref:
-        lines.append(f"reference forward {ref:.2f} s at {100 * flops['reference'] / peak / ref:.0f}% of peak")
-    if seconds.get("reference") is not None and side.get("server_forward_seconds"):
-        server = side["server_forward_seconds"]
-        lines.append(f"reference wait {seconds['reference']:.2f} s of the server's {server:.2f} s forward: "
-                     f"{max(server - seconds['reference'], 0):.2f} s ran alongside the update's first forward (same "
-                     "cores here)")
+    if ref and trl:
+        lines.append(f"reference forward {ref:.2f} s in the step, at {100 * flops['reference'] / peak / ref:.0f}% of "
+                     "peak; " + _against_useful(flops["reference"], useful["reference"],
+                                                "padding and logits at prompt positions"))
+    elif ref:
+        waited = seconds.get("reference")
+        rate = 100 * flops["reference"] / peak / ref
+        lines.append(f"reference forward {ref:.2f} s in the server process, at {rate:.0f}% of peak; "
+                     + (f"the trainer waited {waited:.2f} s for it, the rest ran alongside the update's first forward "
+                        "on the same cores" if waited is not None else ""))
     for phase in ("rewards", "other"):
         if seconds.get(phase) is not None:
-            lines.append(f"{phase} {seconds[phase]:.2f} s ({100 * seconds[phase] / step:.0f}% of the step, no model "
-                         "FLOPs" + (": tokenizing, padding, advantages, metrics, logging, scheduler" if phase == "other"
-                                    else ": the reward functions") + ")")
+            what = ("tokenizing, padding, advantages, metrics, logging, the scheduler" if phase == "other"
+                    else "the reward functions (math_verify)")
+            lines.append(f"{phase} {seconds[phase]:.2f} s ({100 * seconds[phase] / step:.0f}% of the step, {what})")
     return lines
 
 
