@@ -717,15 +717,20 @@ def phase_flops(arch: Arch, works: dict[str, Work]) -> dict[str, float]:
     return flops
 
 
-def measure_matmul_peak(seconds: float = 3.0, size: int = 2048) -> float:
-    """Best FLOP/s of a float32 `size` x `size` torch.mm on this process's threads, over about `seconds`."""
-    a, b = torch.randn(size, size), torch.randn(size, size)
-    out = torch.empty(size, size)
+def measure_matmul_peak(seconds: float = 3.0, size: int = 2048, *, gpu: bool = False) -> float:
+    """Best FLOP/s of a `size` x `size` torch.mm over about `seconds`: float32 on this process's CPU threads,
+    or bfloat16 on the GPU (size 8192) when the sides train there."""
+    device, dtype = ("cuda", torch.bfloat16) if gpu else ("cpu", torch.float32)
+    size = 8192 if gpu else size
+    a, b = torch.randn(size, size, device=device, dtype=dtype), torch.randn(size, size, device=device, dtype=dtype)
+    out = torch.empty(size, size, device=device, dtype=dtype)
     torch.mm(a, b, out=out)
+    _sync()
     best, deadline = 0.0, time.perf_counter() + seconds
     while time.perf_counter() < deadline:
         start = time.perf_counter()
         torch.mm(a, b, out=out)
+        _sync()
         best = max(best, 2.0 * size**3 / (time.perf_counter() - start))
     return best
 
@@ -1149,7 +1154,8 @@ def _f(value: float | None, spec: str, width: int) -> str:
     return f"{'-':>{width}}" if value is None else f"{value:{width}{spec}}"
 
 
-def report(preset: Preset, prompt_lens: list[int], analysis: dict, peaks: list[float], steps: int) -> str:
+def report(preset: Preset, prompt_lens: list[int], analysis: dict, peaks: list[float], steps: int, *,
+           gpu: bool = False) -> str:
     arch = Arch.of(preset)
     peak = max(peaks)
     out = []
@@ -1162,8 +1168,9 @@ def report(preset: Preset, prompt_lens: list[int], analysis: dict, peaks: list[f
     out.append(f"work per step: {PROMPTS_PER_STEP} prompts x {NUM_GENERATIONS} completions, prompts of "
                f"{min(prompt_lens)}-{max(prompt_lens)} tokens, completions of at most {preset.max_completion_length}, "
                f"micro-batches of {preset.micro_batch} (gradient accumulation {preset.gradient_accumulation_steps})")
-    out.append(f"machine: {torch.get_num_threads()} torch threads, {os.cpu_count()} CPUs; float32 matmul peak "
-               f"(2048^3 torch.mm) {' / '.join(f'{p / 1e9:.1f}' for p in peaks)} GFLOP/s (measured before, "
+    kind = "bfloat16 8192^3 torch.mm on the GPU" if gpu else "float32 2048^3 torch.mm"
+    out.append(f"machine: {torch.get_num_threads()} torch threads, {os.cpu_count()} CPUs; matmul peak ({kind}) "
+               f"{' / '.join(f'{p / 1e9:.1f}' for p in peaks)} GFLOP/s (measured before, "
                f"{'between and ' if len(peaks) > 2 else ''}after the runs; the highest is the peak); shared and noisy")
     ours, trl = analysis.get("ours"), analysis.get("trl")
     sides = [(name, side) for name, side in (("ours", ours), ("TRL", trl)) if side is not None]
@@ -1307,7 +1314,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         payload = json.loads(args.report_from.read_text())
         preset = Preset(**payload["preset"])
         analysis = analyze(preset, payload["prompt_lengths"], payload["ours"], payload["trl"])
-        print(report(preset, payload["prompt_lengths"], analysis, payload["peak_flops_per_second"], payload["steps"]))
+        print(report(preset, payload["prompt_lengths"], analysis, payload["peak_flops_per_second"], payload["steps"],
+                     gpu=payload.get("gpu", False)))
         return 0
     if args.steps < 1:
         parser.error("--steps must be >= 1")
@@ -1323,7 +1331,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     prompt_lens = prompt_lengths(preset, model_dir)
     run_dir = Path(tempfile.mkdtemp(prefix=f"run-{preset.name}-", dir=args.work_dir))
     print(f"preset {preset.name}: prompts of {prompt_lens} tokens; run directory {run_dir}", flush=True)
-    peaks = [measure_matmul_peak(args.peak_seconds)]
+    peaks = [measure_matmul_peak(args.peak_seconds, gpu=gpu)]
     print(f"float32 matmul peak: {peaks[0] / 1e9:.1f} GFLOP/s", flush=True)
 
     load_before = os.getloadavg()[0]
@@ -1334,7 +1342,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args.skip_trl:
         ours_values = ours_config(preset, model_dir=model_dir, data_path=data_path, output_dir=run_dir / "ours",
                                   steps=args.steps, ref_server_url="http://127.0.0.1:0", gpu=gpu)
-        peaks.append(measure_matmul_peak(args.peak_seconds))
+        peaks.append(measure_matmul_peak(args.peak_seconds, gpu=gpu))
         load_before = os.getloadavg()[0]
         try:
             trl = run_trl(preset, model_dir, run_dir, args.steps, gpu=gpu, ours_values=ours_values)
@@ -1344,11 +1352,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             trl["load"] = (load_before, os.getloadavg()[0])
             print(f"TRL: done in {trl['wall_seconds']:.0f} s", flush=True)
-    peaks.append(measure_matmul_peak(args.peak_seconds))
+    peaks.append(measure_matmul_peak(args.peak_seconds, gpu=gpu))
 
     analysis = analyze(preset, prompt_lens, ours, trl)
     print()
-    print(report(preset, prompt_lens, analysis, peaks, args.steps), flush=True)
+    print(report(preset, prompt_lens, analysis, peaks, args.steps, gpu=gpu), flush=True)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         payload = {"preset": dataclasses.asdict(preset), "steps": args.steps, "prompt_lengths": prompt_lens,
