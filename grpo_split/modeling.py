@@ -427,7 +427,7 @@ def _unshared(reason: str) -> PrefixPlan:
     return PrefixPlan(shared=False, reason=f"every row forwards its own prompt: {reason}")
 
 
-def _cache_kwarg(module) -> str | None:
+def cache_keyword(module) -> str | None:
     """The name under which the module's forward takes a KV cache, or None if it takes none."""
     parameters = inspect.signature(module.forward).parameters
     return next((name for name in ("cache", "past_key_values") if name in parameters), None)
@@ -436,7 +436,7 @@ def _cache_kwarg(module) -> str | None:
 def _build_prefix_plan(model) -> PrefixPlan:
     if model.base_model is model:
         return _unshared(f"{type(model).__name__} has no base model to forward the prompts through")
-    kwarg = _cache_kwarg(model.base_model)
+    kwarg = cache_keyword(model.base_model)
     if kwarg is None:
         return _unshared(f"{type(model.base_model).__name__}.forward takes no KV cache")
     candidate = PrefixPlan(shared=True, cache_kwarg=kwarg)
@@ -505,13 +505,13 @@ def shared_prefix_cache(model, input_ids: torch.Tensor, attention_mask: torch.Te
     ids, mask = input_ids[first, :length], attention_mask[first, :length]  # (U, L)
     out = model.base_model(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask),
                            use_cache=True)
-    cache = _returned_cache(out)
+    cache = returned_cache(out)
     _check_expandable(cache)
     cache.reorder_cache(inverse)  # (U, heads, L, d) -> (B, heads, L, d) in every layer, by index_select
     return {plan.cache_kwarg: cache}
 
 
-def _returned_cache(out):
+def returned_cache(out):
     """The KV cache a base model's forward returned: `cache` in transformers 5, `past_key_values` before."""
     if not hasattr(out, "get"):  # a tuple (return_dict=False): no named cache to rely on
         return None

@@ -1,16 +1,23 @@
-"""Sampling completions: chat-formatted prompts, left padding, EOS ids, and `generate` configured so
-that completions are drawn from exactly the distribution the loss assumes, softmax(logits / T)
-with top-p, whatever the model's own generation_config.json ships; each group's prompt prefilled once."""
+"""Sampling completions: chat-formatted prompts, left padding, EOS ids, and a decoding loop that draws
+from exactly the distribution the loss assumes, softmax(logits / T) with top-p, whatever the model's
+own generation_config.json ships; each group's prompt prefilled once."""
 
 from __future__ import annotations
 
-import contextlib
+import inspect
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
-from grpo_split.modeling import PrefixPlan, shared_prefix_cache
+from grpo_split.modeling import (
+    PrefixPlan,
+    cache_keyword,
+    position_ids_from_mask,
+    returned_cache,
+    shared_prefix_cache,
+)
+from stable_ops.sampling import sample_rows, top_p_log_probs
 
 
 def format_prompt(tokenizer, prompt: str, system_prompt: str | None) -> str:
@@ -65,7 +72,7 @@ class SamplingSettings:
 # truncations, forced or suppressed tokens) or the stopping rule. Instruct models ship some of them
 # (Qwen2.5-Instruct: repetition_penalty 1.05, top_k 20, top_p 0.8, temperature 0.7). None of them is
 # applied here: the loss's ratio, KL and "on-policy" all assume softmax(logits / temperature) with
-# top_p, so `sampling_config` sets every one to neutral and this list only serves to tell the user.
+# top_p, and `decode` computes that from the logits itself; this list only serves to tell the user.
 _DISTRIBUTION_FIELDS = (
     "temperature", "top_p", "top_k", "min_p", "typical_p", "epsilon_cutoff", "eta_cutoff", "repetition_penalty",
     "encoder_repetition_penalty", "no_repeat_ngram_size", "encoder_no_repeat_ngram_size", "bad_words_ids",
@@ -74,25 +81,6 @@ _DISTRIBUTION_FIELDS = (
     "diversity_penalty", "num_beams", "num_beam_groups", "penalty_alpha", "watermarking_config", "do_sample",
     "top_h", "length_penalty", "low_memory", "dola_layers",
 )
-
-
-def sampling_config(settings: SamplingSettings, eos_ids: list[int], pad_id: int):
-    """The GenerationConfig of a rollout: plain multinomial sampling from softmax(logits / T), top-p.
-
-    Every field that could reshape the distribution is given its neutral value explicitly, and
-    `pure_sampling` removes the model's own defaults for the call, so nothing from the model's
-    generation_config.json is merged in (transformers fills each unset field from it).
-    """
-    from transformers import GenerationConfig
-
-    return GenerationConfig(
-        do_sample=True, temperature=settings.temperature, top_p=settings.top_p, top_k=0, min_p=None,
-        typical_p=1.0, epsilon_cutoff=0.0, eta_cutoff=0.0, repetition_penalty=1.0, encoder_repetition_penalty=1.0,
-        no_repeat_ngram_size=0, encoder_no_repeat_ngram_size=0, bad_words_ids=None, min_length=0, min_new_tokens=None,
-        num_beams=1, renormalize_logits=False,
-        max_new_tokens=settings.max_completion_length, num_return_sequences=settings.num_generations,
-        eos_token_id=eos_ids, pad_token_id=pad_id,
-    )
 
 
 def overridden_generation_defaults(model, settings: SamplingSettings) -> dict:
@@ -109,57 +97,64 @@ def overridden_generation_defaults(model, settings: SamplingSettings) -> dict:
     return {key: diff[key] for key in _DISTRIBUTION_FIELDS if key in diff and diff[key] != ours.get(key, object())}
 
 
-@contextlib.contextmanager
-def pure_sampling(model):
-    """For the duration of one `generate`: the model's own generation defaults are a blank config,
-    so none of them is merged into `sampling_config`'s (see there)."""
-    from transformers import GenerationConfig
-
-    shipped = model.generation_config
-    model.generation_config = GenerationConfig()
-    try:
-        yield
-    finally:
-        model.generation_config = shipped
-
-
 @torch.no_grad()
 def sample_completions(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, settings: SamplingSettings,
                        eos_ids: list[int], pad_id: int, return_sampler_logps: bool = False,
                        prefix: PrefixPlan | None = None):
     """(B, P) left-padded prompts -> (B * G, C) completion ids, G consecutive rows per prompt.
 
-    Sampling is exactly softmax(logits / temperature) with top-p, whatever the model's own
-    generation_config.json says (see `sampling_config`). Each distinct prompt is prefilled once
+    Sampling is exactly softmax(logits / temperature) with top-p, computed here from the model's
+    logits (`decode`): the model's own generation_config.json (penalties, top_k, its temperature)
+    never enters, and no `generate` call merges it in. Each distinct prompt is prefilled once
     (`shared_prefix_cache`) where `prefix` (default: the model's `prefix_plan`) allows, rather than
-    G times; `UNSHARED` forces the plain `generate`, which repeats every prompt G times. With
-    `return_sampler_logps`, also the (B * G, C) log-probs of each sampled token under the
-    distribution `generate` sampled from (its processed scores), which is how tests check that
-    sampler and loss agree.
+    G times; `UNSHARED` forces every row to prefill its own prompt. With `return_sampler_logps`,
+    also the (B * G, C) log-probs of each sampled token under the distribution it was drawn from
+    (NaN after a row's EOS), which is how tests check that sampler and loss agree.
     """
-    config = sampling_config(settings, eos_ids, pad_id)
     device = next(model.parameters()).device
-    inputs = _generate_inputs(model, prompt_ids.to(device), prompt_mask.to(device), config, prefix)
-    with pure_sampling(model):
-        output = model.generate(**inputs, generation_config=config, return_dict_in_generate=True,
-                                output_scores=return_sampler_logps)
-    completions = output.sequences[:, prompt_ids.shape[1] :].cpu()  # (B * G, C)
-    if not return_sampler_logps:
-        return completions
-    scores = torch.stack(output.scores, dim=1).float().log_softmax(-1)  # (B * G, C, V)
-    return completions, scores.gather(-1, completions[..., None].to(scores.device)).squeeze(-1).cpu()
+    G = settings.num_generations
+    ids = prompt_ids.repeat_interleave(G, dim=0).to(device)  # (N, P), N = B * G
+    mask = prompt_mask.repeat_interleave(G, dim=0).to(device)
+    positions = position_ids_from_mask(mask)  # (N, P)
+    shared = shared_prefix_cache(model, ids, mask, ids.shape[1] - 1, prefix)
+    if shared is None:  # every row prefills its whole prompt
+        first = {"input_ids": ids, "attention_mask": mask, "position_ids": positions}
+    else:  # the cache holds each row's first P - 1 tokens; the last one opens the decoding
+        first = {"input_ids": ids[:, -1:], "attention_mask": mask, "position_ids": positions[:, -1:], **shared}
+    completions, logps = decode(model, first, settings, eos_ids, pad_id)
+    completions = completions.cpu()
+    return (completions, logps.cpu()) if return_sampler_logps else completions
 
 
-def _generate_inputs(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, config, prefix) -> dict:
-    """`generate`'s prompt inputs. Shared: the first P - 1 tokens of each distinct prompt forwarded once,
-    their cache expanded to the prompt's G consecutive rows, and the rows repeated to match, so that
-    `generate` forwards only each row's last prompt token before it samples (the rows and the
-    sampling are those of the plain call). Else the B prompts, for `generate` to repeat G times."""
-    G = config.num_return_sequences
-    ids = prompt_ids.repeat_interleave(G, dim=0)  # (B * G, P): the rows generate would expand the prompts to
-    mask = prompt_mask.repeat_interleave(G, dim=0)
-    shared = shared_prefix_cache(model, ids, mask, prompt_ids.shape[1] - 1, prefix)
-    if shared is None:
-        return {"input_ids": prompt_ids, "attention_mask": prompt_mask}
-    config.num_return_sequences = 1  # the rows are repeated already
-    return {"input_ids": ids, "attention_mask": mask, **shared}
+def decode(model, first: dict, settings: SamplingSettings, eos_ids: list[int], pad_id: int
+           ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Ancestral sampling from `first` (the forward inputs that end with each row's last prompt token):
+    -> (N, C) ids (`pad_id` after a row's EOS) and (N, C) float32 log-probs of each drawn token (NaN after EOS).
+
+    Each step is one forward of the new tokens with the KV cache, softmax(logits / T) in float32,
+    top-p, and `stable_ops.sample_rows` (inverse-CDF; `torch.multinomial` cost 56-560 ms per step at
+    64 rows, see stable_ops/sampling.py). Stops when every row has drawn an EOS, or at max_completion_length.
+    """
+    cache_key = cache_keyword(model)
+    keep_last = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
+    eos = torch.tensor(eos_ids, device=first["input_ids"].device)
+    inputs = first
+    mask, position = first["attention_mask"], first["position_ids"][:, -1:]  # (N, L), (N, 1)
+    finished = torch.zeros(mask.shape[0], dtype=torch.bool, device=mask.device)
+    tokens, logps = [], []
+    for _ in range(settings.max_completion_length):
+        out = model(**inputs, use_cache=True, **keep_last)
+        log_probs = torch.log_softmax(out.logits[:, -1].float() / settings.temperature, dim=-1)  # (N, V)
+        log_probs = top_p_log_probs(log_probs, settings.top_p)
+        token = sample_rows(log_probs.exp())  # (N,)
+        drawn = log_probs.gather(1, token[:, None]).squeeze(1)
+        tokens.append(torch.where(finished, pad_id, token))
+        logps.append(torch.where(finished, torch.nan, drawn))
+        finished = finished | torch.isin(token, eos)
+        if bool(finished.all()):
+            break
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)  # (N, L + 1)
+        position = position + 1
+        inputs = {"input_ids": tokens[-1][:, None], "attention_mask": mask, "position_ids": position,
+                  cache_key: returned_cache(out)}
+    return torch.stack(tokens, dim=1), torch.stack(logps, dim=1)  # (N, C), (N, C)
