@@ -160,7 +160,8 @@ class _Head:
     def logps(self, hidden_tile: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(n, H) states, (n,) ids -> log-probs (n,) and the tile's buffer holding `exp(y - max)`, with its log-sum.
 
-        The arithmetic is linear_logps's forward, so the log-probs are the same.
+        The arithmetic is linear_logps's forward, so the log-probs are the same (to the last bit when the
+        matmul rounds a tile of this size as it rounds linear_logps's tiles).
         """
         n = hidden_tile.shape[0]
         logits = _logits_into(hidden_tile, self.weight.t(), self.scratch[:n])  # (n, V) raw logits z
@@ -206,10 +207,11 @@ def _fused_pass(hidden, weight, labels, keep, terms, norm_weights, head_args, ch
     with_grad = want_hidden or want_weight
 
     grad_states = None
-    if want_hidden:  # (A, H): in place in the full gradient when every token is computed
-        # Every row is written when every token is computed; otherwise masked tokens' rows stay 0.
+    if want_hidden:
+        # With every token computed, the tiles write every row of the (B, T, H) gradient in place; otherwise
+        # they fill an (A, H) buffer that is scattered into a zeroed one (masked tokens get 0).
         grad_hidden = (hidden.new_empty if dense else hidden.new_zeros)((batch, length, width))  # (B, T, H)
-        grad_states = grad_hidden.view(batch * length, width) if dense else hidden.new_empty(states.shape)
+        grad_states = grad_hidden.view(batch * length, width) if dense else hidden.new_empty(states.shape)  # (A, H)
     grad_weight = torch.empty_like(weight, memory_format=torch.contiguous_format) if want_weight else None
     weight_written = False
 
