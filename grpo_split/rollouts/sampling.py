@@ -136,6 +136,9 @@ def decode(model, first: dict, settings: SamplingSettings, eos_ids: list[int], p
     64 rows, see stable_ops/sampling.py). Stops when every row has drawn an EOS, or at max_completion_length.
     """
     cache_key = cache_keyword(model)
+    if cache_key is None:
+        raise ValueError(f"{type(model).__name__}.forward takes no KV cache (neither `cache` nor `past_key_values`), "
+                         "which decoding needs; use a causal LM from transformers")
     keep_last = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
     eos = torch.tensor(eos_ids, device=first["input_ids"].device)
     inputs = first
