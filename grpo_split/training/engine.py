@@ -17,13 +17,28 @@ from grpo_split.config.parsing import ConfigError
 from grpo_split.config.trainer import RunConfig
 from grpo_split.modeling import completion_logps, completion_loss
 
+# DeepSpeed sizes its gradient-reduction bucket at 5e8 elements unless told otherwise: 2 GB in float32
+# (twice that with overlap_comm), allocated on every rank whatever the model's size. That default
+# suits large models on many GPUs; for the rest we size the bucket to the model the way the Hugging
+# Face integration's "auto" does, hidden_size^2 elements (3 MB at Qwen2.5-0.5B's 896, 51 MB at
+# 7B's 3584); gradients larger than the bucket bypass it (DeepSpeed reduces them on their own).
+DEEPSPEED_DEFAULT_BUCKET = 500_000_000
 
-def deepspeed_config(config: RunConfig, world_size: int, rows_per_rank: int, dtype: torch.dtype) -> dict:
-    """The DeepSpeed JSON (or ZeRO-2 when none is given) with batch sizes, clipping and precision from
-    our config: those must agree with how the trainer splits its batches, so ours win over the file."""
+
+def deepspeed_config(config: RunConfig, world_size: int, rows_per_rank: int, dtype: torch.dtype,
+                     hidden_size: int | None = None) -> dict:
+    """The DeepSpeed JSON (or our default, `default_zero_stage`, when none is given) with batch sizes,
+    clipping and precision from our config: those must agree with how the trainer splits its batches,
+    so ours win over the file.
+
+    Settings the file leaves out are ours to choose: the reduce bucket is sized to the model
+    (`hidden_size`^2 elements, see DEEPSPEED_DEFAULT_BUCKET) rather than DeepSpeed's 5e8. Where
+    DeepSpeed steps our torch optimizer as it is (`plain_optimizer_step`: no ZeRO, float32),
+    `gradient_clipping` is 0 and the optimizer clips instead (`build_engine`), since DeepSpeed
+    would clip there without keeping the gradient norm the metrics report."""
     training = config.training
     if training.deepspeed is None:
-        ds = {"zero_optimization": {"stage": 2}}
+        ds = {"zero_optimization": {"stage": default_zero_stage(world_size, dtype)}}
     else:
         try:
             ds = json.loads(Path(training.deepspeed).read_text())
@@ -41,6 +56,8 @@ def deepspeed_config(config: RunConfig, world_size: int, rows_per_rank: int, dty
     if zero.get("stage") == 3:
         # save_pretrained needs the full weights on rank 0 (consolidated from the partitions).
         zero["stage3_gather_16bit_weights_on_model_save"] = True
+    if zero.get("stage", 0) > 0 and hidden_size:
+        zero.setdefault("reduce_bucket_size", min(DEEPSPEED_DEFAULT_BUCKET, hidden_size**2))
     if training.optim == "sgd" and "optimizer" not in ds:
         # ZeRO vets the optimizer class against a list of Adam variants, and with optimizer offload
         # insists on its own CPU Adam; SGD only ever sees the flat fp32 partitions ZeRO hands it,
@@ -52,7 +69,48 @@ def deepspeed_config(config: RunConfig, world_size: int, rows_per_rank: int, dty
         for key, value in (("lr", training.learning_rate), ("weight_decay", training.weight_decay)):
             if params.get(key, "auto") == "auto":
                 params[key] = value
+    if plain_optimizer_step(ds):
+        ds["gradient_clipping"] = 0.0  # the optimizer clips (build_engine), and keeps the norm
     return ds
+
+
+def default_zero_stage(world_size: int, dtype: torch.dtype) -> int:
+    """The ZeRO stage when no DeepSpeed JSON is given: 2 (optimizer state and gradients partitioned
+    over the ranks), except for one float32 process, which gets stage 0.
+
+    ZeRO-1/2/3 keep float32 master weights apart from the model's: a second full copy in float32
+    training, and on one process nothing is partitioned, so nothing is saved in exchange. Measured
+    at Qwen2.5-0.5B's shape, float32, one process (scripts/bench_memory.py, 7.4 GiB of weights,
+    gradients and Adam state): ZeRO-2 peaked at 14.3 GiB, stage 0 at 11.0. ZeRO-2 held, besides its
+    master copy (1.8 GiB), a flat gradient partition (1.8), a 5e8-element reduce bucket during
+    backward (1.8), a flat copy of the gradient at the step (1.8) and AdamW's temporaries on the one
+    flat 494M-element tensor it steps (2 x 1.8). With half precision the master copy is needed
+    anyway (DeepSpeed's bf16/fp16 optimizers keep one at stage 0 too), so ZeRO-2 stays.
+    """
+    return 0 if world_size == 1 and dtype == torch.float32 else 2
+
+
+def plain_optimizer_step(ds: dict) -> bool:
+    """True when DeepSpeed steps our torch optimizer on the model's own parameters: no ZeRO, no
+    fp16/bf16 wrapper, no optimizer of DeepSpeed's."""
+    stage = ds.get("zero_optimization", {}).get("stage", 0)
+    half = ds.get("bf16", {}).get("enabled") or ds.get("fp16", {}).get("enabled")
+    return stage == 0 and not half and "optimizer" not in ds
+
+
+def clip_in_optimizer_step(optimizer: torch.optim.Optimizer, max_grad_norm: float) -> None:
+    """Clip the gradient (norm `max_grad_norm`; none when 0) at the start of every `optimizer.step()`
+    and keep its norm where DeepSpeed's engine reads it after the step (`optimizer._global_grad_norm`,
+    what ZeRO's and the bf16/fp16 optimizers set): as `TorchEngine.step` does. DeepSpeed clips a
+    plain optimizer's gradient itself but drops the norm, so `grad_norm` would be missing."""
+    limit = max_grad_norm if max_grad_norm > 0 else math.inf
+
+    def clip(opt, args, kwargs):
+        params = [p for group in opt.param_groups for p in group["params"] if p.grad is not None]
+        opt._global_grad_norm = float(torch.nn.utils.clip_grad_norm_(params, limit))
+
+    optimizer._global_grad_norm = None
+    optimizer.register_step_pre_hook(clip)
 
 
 def lr_lambda(scheduler_type: str, warmup_steps: int, total_updates: int):
@@ -110,11 +168,15 @@ def build_engine(config: RunConfig, model, world_size: int, dtype: torch.dtype):
 
     training, rollout = config.training, config.rollout
     rows_per_rank = rollout.prompts_per_step // world_size * rollout.num_generations
-    ds_config = deepspeed_config(config, world_size, rows_per_rank, dtype)
+    hidden_size = getattr(getattr(model, "config", None), "hidden_size", None)
+    ds_config = deepspeed_config(config, world_size, rows_per_rank, dtype,
+                                 hidden_size=hidden_size if isinstance(hidden_size, int) else None)
     wrapped = PolicyLogps(model)
     optimizer = None
     if "optimizer" not in ds_config:
         optimizer = make_optimizer(training, wrapped.parameters())
+        if plain_optimizer_step(ds_config):
+            clip_in_optimizer_step(optimizer, training.max_grad_norm)
     elif training.optim != "adamw_torch":
         raise ConfigError(f"optim={training.optim!r} conflicts with the optimizer section of {training.deepspeed}; "
                           "remove one of them")
@@ -122,6 +184,11 @@ def build_engine(config: RunConfig, model, world_size: int, dtype: torch.dtype):
     engine, *_ = deepspeed.initialize(model=wrapped, optimizer=optimizer,
                                       lr_scheduler=lambda opt: make_lr_scheduler(config, opt),
                                       model_parameters=None if optimizer else wrapped.parameters(), config=ds_config)
+    if world_size == 1 and engine.zero_optimization_stage() == 0:
+        # An all-reduce over one rank is the identity, yet DeepSpeed would flatten every gradient into
+        # 5e8-element buckets to run it at each accumulation boundary: a copy of the whole gradient
+        # (1.8 GiB at Qwen2.5-0.5B's shape in float32; it raised the measured peak by 0.9 GiB).
+        engine.enable_backward_allreduce = False
     return engine
 
 
