@@ -86,8 +86,10 @@ the 8 prompts; completion lengths per step: each row's from TRL's `_generate`, t
 the layers, 2 x hidden x vocab per position whose logits are computed, and attention 4 x layers x hidden x
 (context length) per query position (causal); the update is 3 x its forward (forward + backward). Each
 side is counted as it computes:
-  - both: HF `generate` with a KV cache, logits of the last prompt position and of each new token, finished
-    rows kept in the batch until the longest ends, prompts left-padded to the longest;
+  - generation, both: a KV cache, logits of the last prompt position and of each new token only, finished rows
+    kept in the batch until the longest ends, prompts left-padded to the longest (TRL: HF `generate`, which
+    draws with torch.multinomial; ours: its own loop, `grpo_split.rollouts.sampling.decode`, inverse-CDF
+    draws, in checkouts from 96a1f40 on; HF `generate` before);
   - TRL: every row forwards its own prompt; reference and update forwards over the whole padded batch; its
     fused LM head scores every position on a CPU (prompt positions included; its compact path is for Triton
     devices only);
@@ -497,6 +499,19 @@ def prompt_lengths(preset: Preset, model_dir: Path) -> list[int]:
 # ---- the two sides' configurations --------------------------------------------------------------
 
 
+def checkout_state() -> str:
+    """The commit the runs used, and the tracked files changed beside it (others' work in progress)."""
+    def git(*args: str) -> str:
+        try:
+            return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, timeout=30).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            return ""
+
+    commit = git("rev-parse", "--short", "HEAD") or "unknown"
+    changed = [line[3:] for line in git("status", "--porcelain", "--untracked-files=no").splitlines()]
+    return commit + (f" with uncommitted changes to {', '.join(changed)}" if changed else "")
+
+
 def on_gpu() -> bool:
     return torch.cuda.is_available()
 
@@ -684,8 +699,8 @@ def causal_pairs(length: float) -> float:
 
 
 def generate_work(rows: int, prompt_pad: float, completion_pad: float, *, prefill_rows: int | None = None) -> Work:
-    """HF `generate` with a KV cache on `rows` left-padded prompts of `prompt_pad` tokens, until the longest
-    completion (`completion_pad` tokens; finished rows stay in the batch): the prompt prefill, then
+    """Decoding with a KV cache (HF `generate`, or our `decode`) on `rows` left-padded prompts of `prompt_pad`
+    tokens, until the longest completion (`completion_pad` tokens; finished rows stay in the batch): the prefill, then
     completion_pad - 1 one-token steps; logits for the prefill's last position and each step.
     `prefill_rows` < rows: the first prompt_pad - 1 prompt tokens are forwarded once per distinct prompt
     (`prefill_rows` of them) and expanded to the rows, which then forward their last prompt token each."""
@@ -825,6 +840,44 @@ def detect_prompt_sharing(log_text: str, planned: bool) -> bool:
                                for line in log_text.splitlines())
 
 
+def process_cpu_seconds(pid: int) -> float | None:
+    """User + system CPU seconds of a process, all its threads (Linux /proc); None where unreadable."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime (fields 14, 15)
+
+
+class StepCpuPoller(threading.Thread):
+    """CPU seconds of our trainer and server processes at each new metrics.jsonl line (one per step): the
+    difference between two lines is the CPU a step used, a steadier measure than wall time while other
+    processes load the machine (it still grows when threads spin waiting for a core)."""
+
+    def __init__(self, metrics_path: Path, pids: list[int], interval: float = 0.1):
+        super().__init__(daemon=True)
+        self.metrics_path, self.pids, self.interval = metrics_path, pids, interval
+        self.readings: list[float | None] = []  # CPU seconds when line k + 1 appeared
+        self.stopped = threading.Event()
+
+    def run(self) -> None:
+        while not self.stopped.is_set():
+            try:
+                lines = self.metrics_path.read_text().count("\n")
+            except OSError:
+                lines = 0
+            if lines > len(self.readings):
+                cpu = [process_cpu_seconds(pid) for pid in self.pids]
+                total = None if None in cpu else sum(cpu)
+                self.readings.extend([total] * (lines - len(self.readings)))
+            self.stopped.wait(self.interval)
+
+    def per_step(self) -> list[float | None]:
+        """CPU seconds of each step (None for the first, which has no reading before it)."""
+        r = self.readings
+        return [None] + [b - a if a is not None and b is not None else None for a, b in zip(r, r[1:], strict=False)]
+
+
 def run_ours(preset: Preset, model_dir: Path, data_path: Path, run_dir: Path, steps: int, *, gpu: bool,
              timeout: float) -> dict:
     """`python grpo_ref_split.py --config ours.yaml` with a reference server; its metrics.jsonl per step."""
@@ -845,15 +898,27 @@ def run_ours(preset: Preset, model_dir: Path, data_path: Path, run_dir: Path, st
         print(f"ours: $ {' '.join(cmd)}  (reference server at {server.url}; log {log_path})", flush=True)
         started = time.perf_counter()
         with open(log_path, "w") as log:
-            result = subprocess.run(cmd, cwd=REPO, env=_clean_env(), stdout=log, stderr=subprocess.STDOUT,
-                                    timeout=timeout)
+            proc = subprocess.Popen(cmd, cwd=REPO, env=_clean_env(), stdout=log, stderr=subprocess.STDOUT)
+            poller = StepCpuPoller(output_dir / "metrics.jsonl", [proc.pid, server.proc.pid])
+            poller.start()
+            try:
+                returncode = proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+                raise
+            finally:
+                poller.stopped.set()
+                poller.join()
         wall = time.perf_counter() - started
-        if result.returncode != 0:
-            raise RuntimeError(f"grpo_ref_split.py exited with {result.returncode}; see {log_path}:\n{_tail(log_path)}")
+        if returncode != 0:
+            raise RuntimeError(f"grpo_ref_split.py exited with {returncode}; see {log_path}:\n{_tail(log_path)}")
         server_stats = server.stats()
     finally:
         server.stop()
     metrics = read_metrics(output_dir / "metrics.jsonl")
+    for step, cpu in zip(metrics, poller.per_step(), strict=False):
+        step["cpu_seconds"] = cpu
     planned = prompt_sharing_plan(model_dir)
     return {"steps": metrics, "server": server_stats, "wall_seconds": wall, "log": str(log_path),
             "prompt_sharing": detect_prompt_sharing(log_path.read_text(errors="replace"), planned),
@@ -904,7 +969,7 @@ class TrlProbe:
         self.steps: list[dict] = []
         self._current: dict[str, float] | None = None
         self._lengths: dict[str, list[int]] = {}
-        self._began = self._optimizer_began = 0.0
+        self._began = self._optimizer_began = self._cpu_began = 0.0
 
     def instrument(self, trainer) -> None:
         self._wrap(trainer, "_generate", "generate", self._record_lengths)
@@ -955,6 +1020,7 @@ class TrlProbe:
         _sync()
         self._current = {}
         self._began = time.perf_counter()
+        self._cpu_began = time.process_time()  # this process's CPU seconds, all threads
 
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
         _sync()
@@ -971,8 +1037,11 @@ class TrlProbe:
         phases = {f"timing/{name}": self._current.get(name, 0.0) for name in ("generate", "rewards", "reference",
                                                                               "update")}
         phases["timing/other"] = max(0.0, step_time - sum(phases.values()))
-        self.steps.append({"step": state.global_step, "step_time": step_time, **phases, **self._lengths})
+        self.steps.append({"step": state.global_step, "step_time": step_time, **phases, **self._lengths,
+                           "cpu_seconds": time.process_time() - self._cpu_began})
         self._current = None
+        print(f"TRL step {state.global_step}: {step_time:.1f} s (" + ", ".join(
+            f"{name.split('/')[1]} {seconds:.1f}" for name, seconds in phases.items()) + ")", flush=True)
 
 
 def make_trl_probe() -> TrlProbe:
@@ -1131,6 +1200,7 @@ def analyze(preset: Preset, prompt_lens: list[int], ours: dict | None, trl: dict
                         "step": seconds["step"]}
         result["ours"] = {**side_summary(arch, steps, works, flop_seconds), "phase_seconds": seconds,
                           "fastest_step_seconds": fastest, "load": ours.get("load"),
+                          "cpu_seconds": median_of(steps, "cpu_seconds"),
                           "server_forward_seconds": server_forward,
                           "tokens_per_second": {k: median_of(steps, k) for k in steps[-1]
                                                 if k.startswith("tokens_per_second")},
@@ -1148,12 +1218,15 @@ def analyze(preset: Preset, prompt_lens: list[int], ours: dict | None, trl: dict
         seconds["step"] = median_of(steps, "step_time")
         result["trl"] = {**side_summary(arch, steps, works, seconds), "phase_seconds": seconds,
                          "fastest_step_seconds": min_of(steps, "step_time"), "load": trl.get("load"),
+                         "cpu_seconds": median_of(steps, "cpu_seconds"),
                          "completion_mean": median_of(steps, "completions/mean_length"),
                          "completion_max": median_of(steps, "completions/max_length")}
     if ours is not None and trl is not None:
         result["ratio_ours_over_trl_step_rate"] = result["trl"]["phase_seconds"]["step"] / \
             result["ours"]["phase_seconds"]["step"]
         result["ratio_fastest_steps"] = result["trl"]["fastest_step_seconds"] / result["ours"]["fastest_step_seconds"]
+        if result["ours"]["cpu_seconds"] and result["trl"]["cpu_seconds"]:
+            result["ratio_cpu_seconds"] = result["trl"]["cpu_seconds"] / result["ours"]["cpu_seconds"]
     return result
 
 
@@ -1162,12 +1235,14 @@ def _f(value: float | None, spec: str, width: int) -> str:
 
 
 def report(preset: Preset, prompt_lens: list[int], analysis: dict, peaks: list[float], steps: int, *,
-           gpu: bool = False) -> str:
+           gpu: bool = False, checkout: str | None = None) -> str:
     arch = Arch.of(preset)
     peak = max(peaks)
     out = []
     timed = f"medians of steps 2..{steps}" if steps > 1 else "one step, no warm-up excluded"
     out.append(f"=== bench_train --preset {preset.name}: {steps} steps, {timed} ===")
+    if checkout:
+        out.append(f"checkout: {checkout}")
     out.append(f"model: random Qwen2, hidden {arch.hidden_size}, {arch.num_layers} layers, {arch.num_heads} heads "
                f"({arch.num_kv_heads} KV), MLP {arch.intermediate_size}, vocabulary {arch.vocab_size}, untied head: "
                f"{arch.total_params / 1e6:.1f}M parameters ({arch.layer_matmul_params / 1e6:.1f}M in layer matmuls, "
@@ -1187,6 +1262,10 @@ def report(preset: Preset, prompt_lens: list[int], analysis: dict, peaks: list[f
     if "ratio_ours_over_trl_step_rate" in analysis:
         out.append(f"ratio ours / TRL step rate: {analysis['ratio_ours_over_trl_step_rate']:.2f}x from the medians, "
                    f"{analysis['ratio_fastest_steps']:.2f}x from the fastest steps (above 1: ours does a step faster)")
+    if all(s.get("cpu_seconds") for _, s in sides):
+        out.append("CPU seconds per step (median; all threads; ours = trainer + reference server): " + "   ".join(
+            f"{n} {s['cpu_seconds']:.1f}" for n, s in sides)
+            + (f"   ratio TRL / ours {analysis['ratio_cpu_seconds']:.2f}x" if "ratio_cpu_seconds" in analysis else ""))
     out.append("machine load (1-min load average at each side's start and end): " + "   ".join(
         f"{n} {s['load'][0]:.1f} -> {s['load'][1]:.1f}" for n, s in sides if s.get("load")))
     out.append("completion length (median of the step means / maxima): "
@@ -1271,7 +1350,8 @@ def explain(preset: Preset, side: dict, peak: float, *, trl: bool) -> list[str]:
         lines.append(
             f"generate {gen:.2f} s: a prefill, then {tokens - 1:.0f} one-token steps of {COMPLETIONS_PER_STEP} rows, "
             f"{1e3 * gen / max(tokens, 1):.0f} ms and {per_step:.2f} GFLOP each on average: "
-            f"matmuls of {COMPLETIONS_PER_STEP} rows, sampling over the vocabulary and per-step overhead keep it at "
+            f"matmuls of {COMPLETIONS_PER_STEP} rows, sampling over the vocabulary"
+            + (" (torch.multinomial, in HF generate)" if trl else "") + " and per-step overhead keep it at "
             f"{100 * flops['generate'] / peak / gen:.1f}% of peak; rows that ended keep decoding until the longest "
             f"does ({100 * (1 - mean / max(tokens, 1)):.0f}% of the completion positions); "
             + _against_useful(flops["generate"], useful["generate"], "padding"))
@@ -1322,7 +1402,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         preset = Preset(**payload["preset"])
         analysis = analyze(preset, payload["prompt_lengths"], payload["ours"], payload["trl"])
         print(report(preset, payload["prompt_lengths"], analysis, payload["peak_flops_per_second"], payload["steps"],
-                     gpu=payload.get("gpu", False)))
+                     gpu=payload.get("gpu", False), checkout=payload.get("checkout")))
         return 0
     if args.steps < 1:
         parser.error("--steps must be >= 1")
@@ -1334,6 +1414,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         except ImportError:
             parser.error("TRL is not installed (pip install '.[bench]'); use --skip-trl to run ours only")
 
+    checkout = checkout_state()
     model_dir, data_path = build_all(preset, args.work_dir)
     prompt_lens = prompt_lengths(preset, model_dir)
     run_dir = Path(tempfile.mkdtemp(prefix=f"run-{preset.name}-", dir=args.work_dir))
@@ -1363,12 +1444,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     analysis = analyze(preset, prompt_lens, ours, trl)
     print()
-    print(report(preset, prompt_lens, analysis, peaks, args.steps, gpu=gpu), flush=True)
+    print(report(preset, prompt_lens, analysis, peaks, args.steps, gpu=gpu, checkout=checkout), flush=True)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         payload = {"preset": dataclasses.asdict(preset), "steps": args.steps, "prompt_lengths": prompt_lens,
                    "peak_flops_per_second": peaks, "threads": torch.get_num_threads(), "gpu": gpu,
-                   "analysis": analysis, "ours": ours, "trl": trl, "run_dir": str(run_dir)}
+                   "analysis": analysis, "ours": ours, "trl": trl, "run_dir": str(run_dir), "checkout": checkout}
         args.json.write_text(json.dumps(payload, indent=2, default=str) + "\n")
         print(f"results written to {args.json}")
     return 1 if failed else 0

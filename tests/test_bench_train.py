@@ -220,6 +220,7 @@ def test_smoke_run_ours_only(tmp_path):
     assert len(payload["ours"]["steps"]) == 2 and payload["trl"] is None
     assert ours["phase_seconds"]["step"] > 0
     assert ours["flops"]["step"] > 0 and ours["flops_per_second"]["step"] > 0
+    assert payload["ours"]["steps"][1]["cpu_seconds"] > 0  # the trainer's and server's CPU during step 2
     assert all(p > 0 for p in payload["peak_flops_per_second"])
     again = subprocess.run([sys.executable, str(REPO / "scripts" / "bench_train.py"), "--report-from", str(out)],
                            cwd=REPO, capture_output=True, text=True, timeout=120)
