@@ -1272,7 +1272,8 @@ def report(preset: Preset, prompt_lens: list[int], analysis: dict, peaks: list[f
                + "   ".join(f"{n} {s['completion_mean']:.1f} / {s['completion_max']:.0f}" for n, s in sides))
 
     out.append("")
-    out.append("seconds per step by phase (medians; shares of the step)")
+    out.append("seconds per step by phase (each phase's own median, so the rows need not add up to the step's; "
+               "shares of the median step)")
     out.append(f"{'phase':<11}" + "".join(f"{n + ' s':>11}{'share':>7}" for n, _ in sides))
     for phase in (*PHASES, "step"):
         cells = ""
@@ -1316,8 +1317,8 @@ def report(preset: Preset, prompt_lens: list[int], analysis: dict, peaks: list[f
     out.append("GFLOP: as each side computes it, padding included (TRL: LM head on every position on a CPU; ours: on "
                "completion positions, " + ("each group's prompt forwarded once in generation, reference and update"
                                            if sharing else "every row forwarding its own prompt") + "); useful: real "
-               "tokens only, each row with its own prompt, the same count for both sides; vs use: GFLOP / useful - 1 "
-               "(+ padding and prompt logits, - shared prompts); ours' reference seconds are the server's forward "
+               "tokens only, each row with its own prompt, the same definition for both sides; vs use: GFLOP / useful "
+               "- 1 (+ padding and prompt logits, - shared prompts); ours' reference seconds are the server's forward "
                "time")
     out.append("")
     out.append("where the rest of the time goes")
