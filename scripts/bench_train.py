@@ -508,7 +508,8 @@ def checkout_state() -> str:
             return ""
 
     commit = git("rev-parse", "--short", "HEAD") or "unknown"
-    changed = [line[3:] for line in git("status", "--porcelain", "--untracked-files=no").splitlines()]
+    changed = [line.split(maxsplit=1)[1] for line in git("status", "--porcelain", "--untracked-files=no").splitlines()
+               if line.strip()]
     return commit + (f" with uncommitted changes to {', '.join(changed)}" if changed else "")
 
 
