@@ -74,6 +74,13 @@ def resolve_resume(output_dir: Path, value: str | None) -> Path | None:
     return path
 
 
+def has_zero_optimizer_state(checkpoint: Path) -> bool:
+    """True when the checkpoint's DeepSpeed state was written under ZeRO (stage 1-3): its optimizer
+    state lies in per-rank partition files, which only a ZeRO engine loads (stage 0 keeps it in
+    mp_rank_00_model_states.pt)."""
+    return any((Path(checkpoint) / DEEPSPEED_TAG).glob("zero_pp_rank_*_optim_states.pt"))
+
+
 def write_text_atomic(path: Path, text: str) -> None:
     """Replace `path` with `text` so that a reader, or a crash, never sees half a file: a temporary
     file in the same directory, fsync, rename. The replaced file's permissions are kept; a new file

@@ -16,6 +16,7 @@ import torch
 from grpo_split.config.parsing import ConfigError
 from grpo_split.config.trainer import RunConfig
 from grpo_split.modeling import completion_logps, completion_loss
+from grpo_split.training.checkpoint import has_zero_optimizer_state, resolve_resume
 
 # DeepSpeed sizes its gradient-reduction bucket at 5e8 elements unless told otherwise: 2 GB in float32
 # (twice that with overlap_comm), allocated on every rank whatever the model's size. That default
@@ -38,7 +39,10 @@ def deepspeed_config(config: RunConfig, world_size: int, rows_per_rank: int, dty
     would clip there without keeping the gradient norm the metrics report."""
     training = config.training
     if training.deepspeed is None:
-        ds = {"zero_optimization": {"stage": default_zero_stage(world_size, dtype)}}
+        stage = default_zero_stage(world_size, dtype)
+        if stage == 0 and resumes_zero_checkpoint(training):
+            stage = 2  # written under the earlier default (ZeRO-2): stage 0 cannot load its optimizer state
+        ds = {"zero_optimization": {"stage": stage}}
     else:
         try:
             ds = json.loads(Path(training.deepspeed).read_text())
@@ -88,6 +92,14 @@ def default_zero_stage(world_size: int, dtype: torch.dtype) -> int:
     anyway (DeepSpeed's bf16/fp16 optimizers keep one at stage 0 too), so ZeRO-2 stays.
     """
     return 0 if world_size == 1 and dtype == torch.float32 else 2
+
+
+def resumes_zero_checkpoint(training) -> bool:
+    """True when the run resumes a checkpoint whose optimizer state ZeRO partitioned (a run started,
+    with no DeepSpeed JSON, before one process defaulted to stage 0): DeepSpeed at stage 0 fails to
+    load it, in the optimizer's load_state_dict, so that run keeps ZeRO-2."""
+    checkpoint = resolve_resume(Path(training.output_dir), training.resume_from_checkpoint)
+    return checkpoint is not None and has_zero_optimizer_state(checkpoint)
 
 
 def plain_optimizer_step(ds: dict) -> bool:

@@ -57,6 +57,26 @@ def test_one_float32_process_defaults_to_stage_0_and_the_optimizer_clips(tmp_pat
     assert bf16["zero_optimization"]["stage"] == 2 and bf16["gradient_clipping"] == 0.5
 
 
+def test_a_checkpoint_of_the_earlier_zero2_default_is_resumed_under_zero2(tmp_path, toy_model_dir,
+                                                                           toy_dataset_path):
+    """Runs started with no JSON before one process defaulted to stage 0 wrote ZeRO-2 checkpoints, whose
+    partitioned optimizer state DeepSpeed at stage 0 cannot load: resuming one keeps ZeRO-2."""
+    from grpo_split.training.checkpoint import TRAINER_STATE
+
+    argv = toy_config(tmp_path, toy_model_dir, toy_dataset_path, resume_from_checkpoint="latest")
+    config = parse_run_config(argv)
+    checkpoint = tmp_path / "out" / "checkpoint-4"
+    (checkpoint / "deepspeed").mkdir(parents=True)
+    (checkpoint / TRAINER_STATE).write_text('{"step": 4}')
+    (checkpoint / "deepspeed" / "mp_rank_00_model_states.pt").write_bytes(b"")
+    assert deepspeed_config(config, 1, 8, torch.float32)["zero_optimization"]["stage"] == 0  # stage 0's own
+    (checkpoint / "deepspeed" / "zero_pp_rank_0_mp_rank_00_optim_states.pt").write_bytes(b"")
+    assert deepspeed_config(config, 1, 8, torch.float32)["zero_optimization"]["stage"] == 2
+    no_resume = dataclasses.replace(config, training=dataclasses.replace(config.training,
+                                                                         resume_from_checkpoint=None))
+    assert deepspeed_config(no_resume, 1, 8, torch.float32)["zero_optimization"]["stage"] == 0
+
+
 def test_zero_buckets_are_sized_to_the_model_unless_the_json_sets_them(tmp_path, toy_model_dir, toy_dataset_path):
     argv = toy_config(tmp_path, toy_model_dir, toy_dataset_path)
     default = deepspeed_config(parse_run_config(argv), world_size=2, rows_per_rank=8, dtype=torch.float32,
